@@ -1,0 +1,320 @@
+"""Tests of convert.py on tiny random teachers (transformers Llama / Qwen2 + a byte-level BPE tokenizer).
+
+    python -m pytest -q test_convert.py
+
+Real torchrun subprocesses: 2 (a 2-process conversion, a 2-process DDP step); everything else runs
+convert.main() in-process, single process, 1 thread.
+"""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convert
+import qrwkv
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAST = ["--seq_len", "32", "--batch_size", "4", "--dtype", "float32", "--threads", "1", "--eval_tokens", "256",
+        "--log_interval", "1000"]
+WORDS = ("the quick brown fox jumps over a lazy dog while seven red birds sing in old green trees near the "
+         "river and one small cat sleeps").split()
+
+
+def make_corpus(n_docs=160, seed=0):
+    """Documents with a learnable structure: each word is followed by one of its two successors."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        w = rng.randrange(len(WORDS))
+        out = []
+        for _ in range(rng.randint(15, 45)):
+            out.append(WORDS[w])
+            w = (w + rng.choice((1, 1, 3))) % len(WORDS)
+        docs.append(" ".join(out) + ".")
+    return docs
+
+
+def make_teacher(path, docs, kind="llama", seed=0, tie=True):
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    os.makedirs(path, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"], show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(os.path.join(path, "tokenizer.json"))
+    torch.manual_seed(seed)
+    common = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=0,
+                  bos_token_id=0, tie_word_embeddings=tie, initializer_range=0.15)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    docs = make_corpus()
+    data = root / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return dict(root=root, docs=docs, data=str(data),
+                llama=make_teacher(str(root / "llama"), docs, "llama"),
+                qwen=make_teacher(str(root / "qwen"), docs, "qwen2", seed=1, tie=False))
+
+
+def env():
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return e
+
+
+def cli(args, nproc=0, timeout=300):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc
+           else [sys.executable]) + [os.path.join(HERE, "convert.py")] + [str(a) for a in args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=HERE, timeout=timeout)
+
+
+def inproc(args):
+    convert.main([str(a) for a in args])
+
+
+def error_of(args) -> str:
+    with pytest.raises(SystemExit) as e:
+        inproc(args)
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("convert.py: error: ") and "\n" not in msg, msg
+    return msg
+
+
+def train_losses(out):
+    """{(stage, step): loss}; a step logged twice (re-run after a kill) keeps its last value."""
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return {(r["stage"], r["step"]): r["loss"] for r in recs if r["kind"] == "train"}
+
+
+def evals(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if '"eval"' in line]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def test_kl_divergence_and_chunking():
+    torch.manual_seed(0)
+    ls, lt = torch.randn(10, 7) * 3, torch.randn(10, 7) * 3
+    pt = lt.softmax(-1)
+    ref = (pt * (pt.log() - ls.log_softmax(-1))).sum()
+    assert torch.allclose(convert.kl_divergence(ls, lt), ref, atol=1e-5)
+    assert convert.kl_divergence(lt, lt).abs() < 1e-5
+    # chunked over tokens == all at once, value and gradient
+    hs, ht = torch.randn(2, 9, 5, requires_grad=True), torch.randn(2, 9, 5)
+    head, wt = torch.nn.Linear(5, 7, bias=False), torch.randn(7, 5)
+    full = convert.kl_divergence(head(hs.flatten(0, 1)), F.linear(ht.flatten(0, 1), wt)) / 18
+    g_full = torch.autograd.grad(full, hs)[0]
+    chunked = convert.chunked_kl(hs, ht, head, wt, chunk=4)
+    g_chunk = torch.autograd.grad(chunked, hs)[0]
+    assert torch.allclose(full, chunked, atol=1e-6) and torch.allclose(g_full, g_chunk, atol=1e-6)
+
+
+def test_data_formats_split_and_reuse(world, tmp_path):
+    docs = ["alpha beta", "gamma delta epsilon", "zeta", "eta theta"]
+    (tmp_path / "wiki.json").write_text(json.dumps({d: {"title": d, "extract": d} for d in docs}))
+    (tmp_path / "list.json").write_text(json.dumps(docs[:2] + [{"text": t} for t in docs[2:]]))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, t in enumerate(docs):
+        (folder / f"{i}.txt").write_text(t)
+    for src in ("wiki.json", "list.json", "docs.jsonl", "folder"):
+        assert convert.read_documents(convert.data_files(str(tmp_path / src))) == docs, src
+    d = convert.Dist()
+    key = convert.data_key(str(tmp_path / "docs.jsonl"), world["llama"], 0.25)
+    meta = convert.prepare_data(d, str(tmp_path / "docs.jsonl"), world["llama"], str(tmp_path / "out"), key)
+    train, val = np.asarray(meta["train"]), np.asarray(meta["val"])
+    assert meta["docs"] == 4 and meta["val_docs"] == 1
+    assert (train == 0).sum() == 3 and (val == 0).sum() == 1 and val[-1] == 0 and train[-1] == 0   # EOS between docs
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(world["llama"], "tokenizer.json"))
+    assert tok.decode(val[:-1].tolist()) == "eta theta"
+    t0 = os.stat(tmp_path / "out" / "data" / "train.bin").st_mtime_ns
+    convert.prepare_data(d, str(tmp_path / "docs.jsonl"), world["llama"], str(tmp_path / "out"), key)
+    assert os.stat(tmp_path / "out" / "data" / "train.bin").st_mtime_ns == t0        # reused, not rewritten
+    # batches: deterministic in (seed, stage, step); 2 ranks x B == 1 rank x 2B
+    x = convert.get_batch(np.arange(1000), 1, 2, 3, 0, d, 4, 8, 1, "cpu")
+    assert torch.equal(x, convert.get_batch(np.arange(1000), 1, 2, 3, 0, d, 4, 8, 1, "cpu"))
+    halves = []
+    for r in range(2):
+        dr = convert.Dist()
+        dr.rank, dr.world = r, 2
+        halves.append(convert.get_batch(np.arange(1000), 1, 2, 3, 0, dr, 2, 8, 1, "cpu"))
+    assert torch.equal(torch.cat(halves), x) and torch.equal(x[:, 1:], x[:, :-1] + 1)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_torchrun_two_processes_converts(world, tmp_path):
+    out = tmp_path / "run"
+    r = cli(["--teacher", world["llama"], "--data", world["data"], "--out", out, *FAST, "--steps1", 40, "--steps2", 40,
+             "--warmup1", 3, "--lr1", 1e-2, "--lr2", 1e-3, "--min_lr2", 1e-3, "--eval_interval", 20, "--log_interval", 10], nproc=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "stage 2 | step 40/40" in r.stdout and "top-1 agreement" in r.stdout
+    losses = train_losses(out)
+    l1 = [losses[(1, s)] for s in range(1, 41)]
+    l2 = [losses[(2, s)] for s in range(1, 41)]
+    assert np.mean(l1[-5:]) < 0.8 * np.mean(l1[:5]), l1
+    assert np.mean(l2[-5:]) < 0.85 * np.mean(l2[:5]), l2
+    ev = evals(out)
+    assert [(e["stage"], e["step"]) for e in ev] == [(1, 0), (1, 20), (1, 40), (2, 20), (2, 40)]
+    assert ev[-1]["kl"] < ev[2]["kl"] < ev[0]["kl"] and ev[-1]["top1_agree"] > ev[0]["top1_agree"]
+    # the output directory is a loadable converted model
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "ckpt.pt", "run.json", "metrics.jsonl",
+              "data/train.bin", "data/val.bin", "data/meta.json"):
+        assert (out / f).is_file(), f
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "rwkv6qwen2" and cfg["tie_word_embeddings"] is False and cfg["attention_layers"] == []
+    student, teacher = qrwkv.load_model(str(out)), qrwkv.load_model(world["llama"])
+    ids = torch.randint(0, cfg["vocab_size"], (2, 24))
+    with torch.no_grad():
+        ls, lt = student(ids)[0], teacher(ids)[0]
+    assert torch.isfinite(ls).all() and not torch.allclose(ls, lt, atol=1e-3)
+    assert all(isinstance(b.self_attn, qrwkv.TimeMix) for b in student.model.layers)
+
+
+def test_ddp_equals_single_process(world, tmp_path):
+    """2 ranks x batch 2 == 1 process x batch 4 == 1 process x batch 2 x 2 micro-steps: losses and step-1 gradient
+    norms, and the full step-2 gradient (AdamW's first moment after one step is 0.1 x the clipped gradient).
+    Step 1 runs with lr 0 so step 2 starts from the same student. Qwen2 teacher (q/k/v biases, untied head),
+    hybrid: layer 1 stays attention."""
+    base = ["--teacher", world["qwen"], "--data", world["data"], *FAST, "--steps1", 2, "--steps2", 1, "--lr1", 0,
+            "--min_lr1", 0, "--lr2", 1e-3, "--warmup2", 0, "--attention_layers", "1", "--eval_tokens", 0]
+    base[base.index("--batch_size") + 1] = "2"
+    r = cli(base + ["--out", tmp_path / "ddp"], nproc=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    single = base + ["--out", tmp_path / "one"]
+    single[single.index("--batch_size") + 1] = "4"
+    inproc(single)
+    inproc(base + ["--out", tmp_path / "accum", "--grad_accum", 2])
+    ref = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
+    assert ref["stage"] == 2 and ref["stage_done"]
+    assert isinstance(qrwkv.load_model(str(tmp_path / "ddp")).model.layers[1].self_attn, qrwkv.Attention)
+    recs = lambda run: {(x["stage"], x["step"]): x for x in map(json.loads, open(tmp_path / run / "metrics.jsonl"))}
+    for other in ("one", "accum"):
+        for k, x in recs("ddp").items():
+            for f in ("loss", "grad_norm"):
+                assert abs(x[f] - recs(other)[k][f]) <= 1e-6 * max(1, abs(x[f])), (other, k, f)
+        ck = torch.load(tmp_path / other / "ckpt.pt", weights_only=False)
+        for i, st in ref["optimizer"]["state"].items():
+            g, g_other = st["exp_avg"], ck["optimizer"]["state"][i]["exp_avg"]
+            assert (g - g_other).abs().max() <= 1e-5 * g.abs().max() + 1e-12, (other, i)
+    assert len(ref["optimizer"]["state"]) == sum(1 for _ in qrwkv.load_model(str(tmp_path / "ddp")).parameters())
+
+
+def test_resume_is_exact(world, tmp_path):
+    args = ["--teacher", world["llama"], "--data", world["data"], *FAST, "--steps1", 6, "--steps2", 6,
+            "--save_interval", 2, "--eval_tokens", 0]
+    inproc(args + ["--out", tmp_path / "full"])
+    cut = args + ["--out", tmp_path / "cut"]
+    inproc(cut + ["--stop_after", 3])                  # stops in step 1 at step 3
+    ck = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
+    assert (ck["stage"], ck["step"], ck["stage_done"]) == (1, 3, False) and not (tmp_path / "cut" / "config.json").exists()
+    assert error_of(cut).endswith("pass --resume to continue it or delete the directory to start over")
+    inproc(cut + ["--resume", "--stop_after", 5])      # crosses into step 2, stops at its step 2
+    ck = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
+    assert (ck["stage"], ck["step"]) == (2, 2)
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:   # a killed run may have logged steps past its checkpoint
+        f.write(json.dumps(dict(kind="train", stage=2, step=3, loss=123.0)) + "\n")
+    inproc(cut + ["--resume"])
+    full, resumed = train_losses(tmp_path / "full"), train_losses(tmp_path / "cut")
+    assert sorted(full) == sorted(resumed) and len(full) == 12
+    for k in full:
+        assert abs(full[k] - resumed[k]) <= 1e-6 * max(1.0, abs(full[k])), (k, full[k], resumed[k])
+    a = qrwkv.load_model(str(tmp_path / "full")).state_dict()
+    b = qrwkv.load_model(str(tmp_path / "cut")).state_dict()
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+# ----------------------------------------------------------------------------- one-line errors
+
+@pytest.fixture(scope="module")
+def done_run(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("done") / "run"
+    args = ["--teacher", world["llama"], "--data", world["data"], *FAST, "--steps1", 1, "--steps2", 1, "--eval_tokens", 0,
+            "--steps3", 2, "--seq_len3", 64, "--batch_size3", 1]
+    inproc(args + ["--out", out])
+    return args, out
+
+
+def test_step3_long_context_cross_entropy(done_run):
+    args, out = done_run
+    losses = train_losses(out)
+    assert sorted(losses) == [(1, 1), (2, 1), (3, 1), (3, 2)] and all(np.isfinite(list(losses.values())))
+    assert 2 < losses[(3, 1)] < 10          # next-token cross-entropy in nats for a 320-token vocabulary
+    assert torch.load(out / "ckpt.pt", weights_only=False)["stage"] == 3
+
+
+def test_errors_teacher(world, tmp_path):
+    data = ["--data", world["data"], "--out", tmp_path / "o", *FAST]
+    assert "no config.json" in error_of(["--teacher", tmp_path / "missing", *data])
+    bad = tmp_path / "gpt2"
+    shutil.copytree(world["llama"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(cfg | {"model_type": "gpt2"}))
+    assert "not supported" in error_of(["--teacher", bad, *data])
+    (bad / "config.json").write_text(json.dumps(cfg))
+    os.remove(bad / "model.safetensors")
+    assert "no model.safetensors" in error_of(["--teacher", bad, *data])
+    # the CLI: one line on stderr, exit status 1
+    r = cli(["--teacher", tmp_path / "missing", *data])
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("convert.py: error: teacher")
+
+
+def test_errors_data(world, tmp_path):
+    args = ["--teacher", world["llama"], "--out", tmp_path / "o", *FAST]
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "small.jsonl").write_text(json.dumps({"text": "tiny"}) + "\n" + json.dumps({"text": "text"}) + "\n")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
+    assert "no such file" in error_of(args + ["--data", tmp_path / "nothing.txt"])
+    assert "no text found" in error_of(args + ["--data", tmp_path / "empty.txt"])
+    assert "fewer than one batch" in error_of(args + ["--data", tmp_path / "small.jsonl"])
+    assert "unsupported format" in error_of(args + ["--data", tmp_path / "x.csv"])
+    assert "'text'" in error_of(args + ["--data", tmp_path / "bad.jsonl"])
+
+
+def test_errors_out_dir_and_resume(world, done_run, tmp_path):
+    args, out = done_run
+    assert "holds a different run (differs in --lr1)" in error_of(args + ["--out", out, "--lr1", 5e-4])
+    assert "pass --resume" in error_of(args + ["--out", out])
+    assert "not a convert.py run directory" in error_of(args + ["--out", world["qwen"]])
+    other = tmp_path / "other_weights"                 # same config and tokenizer, other weights
+    shutil.copytree(world["llama"], other)
+    sd = qrwkv.load_model(str(other)).state_dict()
+    from safetensors.torch import save_file
+    save_file({k: v * 1.01 for k, v in sd.items() if k != "lm_head.weight"}, str(other / "model.safetensors"))
+    assert "teacher" in error_of(["--teacher", other, *args[2:], "--out", out, "--resume"])
+    other_tok = tmp_path / "other_tok"
+    shutil.copytree(world["llama"], other_tok)
+    tok = json.loads((other_tok / "tokenizer.json").read_text())
+    (other_tok / "tokenizer.json").write_text(json.dumps(tok, indent=1))
+    assert "tokenizer differs" in error_of(["--teacher", other_tok, *args[2:], "--out", out, "--resume"])
+    inproc(args + ["--out", out, "--resume"])           # the same run: nothing left to do, exits cleanly
+
+
+def test_error_nan_loss_keeps_checkpoint(world, tmp_path):
+    out = tmp_path / "nan"
+    msg = error_of(["--teacher", world["llama"], "--data", world["data"], "--out", out, *FAST, "--steps1", 6,
+                    "--warmup1", 0, "--lr1", 1e30, "--min_lr1", 1e30, "--save_interval", 1, "--eval_tokens", 0])
+    assert "loss is" in msg and "kept" in msg, msg
+    step = int(msg.split("stage 1 step ")[1].split(":")[0])
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert f"(stage 1 step {step - 1})" in msg and ck["step"] == step - 1 and all(torch.isfinite(v).all() for v in ck["model"].values())

@@ -1,0 +1,312 @@
+"""Benchmarks of the QRWKV reference implementation; each section prints one table.
+
+    python bench.py                 # every section
+    python bench.py --only kernel   # WKV6 operator: chunked vs sequential (and the CUDA kernel on a GPU)
+    python bench.py --only convert  # step-1 / step-2 training tokens/s vs the demo teacher's forward
+    python bench.py --only decode   # decode latency after 128..16k tokens, converted vs teacher, state bytes
+
+Timings are medians of repeated runs after a warm-up, wall clock.  Peak memory on CPU is the growth of
+ru_maxrss in a fresh subprocess over its level once the inputs exist; on a GPU it is
+torch.cuda.max_memory_allocated above the inputs.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import qrwkv
+from generate import prefill
+from wkv_kernel import wkv6
+
+# ---------------------------------------------------------------------------------------------
+# kernel: wkv6 backends, B=1, H=9, N=64
+# ---------------------------------------------------------------------------------------------
+
+KERNEL_SHAPE = dict(B=1, H=9, N=64)
+SEQ_PREFIX = 2048  # the sequential loop runs on at most this many tokens
+
+
+def _kernel_inputs(T, dtype, device, grad):
+    """r, k, v in dtype, log_w fp32 = max(-exp(raw), -5) as the model computes it."""
+    g = torch.Generator().manual_seed(0)
+    B, H, N = KERNEL_SHAPE.values()
+    r, k, v = (0.5 * torch.randn(B, T, H, N, generator=g) for _ in range(3))
+    log_w = (-torch.empty(B, T, H, N).uniform_(-6, 1.6, generator=g).exp()).clamp(min=-5)
+    xs = [x.to(device, dt) for x, dt in zip((r, k, v, log_w), (dtype, dtype, dtype, torch.float32))]
+    return [x.requires_grad_(grad) for x in xs]
+
+
+def _kernel_step(backend, xs, train):
+    """One forward (no grad), or forward + backward of a loss on y and the final state."""
+    if not train:
+        with torch.no_grad():
+            return wkv6(*xs, backend=backend)
+    y, S = wkv6(*xs, backend=backend)
+    (y.float().square().mean() + S.square().mean()).backward()
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _tokens_per_s(backend, T, dtype, device, train, repeats):
+    """Median tokens/s over `repeats` timed runs after one warm-up run (64 tokens for the slow loop)."""
+    xs = _kernel_inputs(T, dtype, device, train)
+    _kernel_step(backend, [x[:, :64] for x in xs] if backend == "sequential" else xs, train)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        _kernel_step(backend, xs, train)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return T / statistics.median(times)
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
+def _peak_mib_child(backend, T, dtype_name, device, train):
+    """Run in a fresh process: peak memory (MiB) of one step above the memory held before it (after a
+    64-token warm-up step).
+    CPU: VmHWM after resetting it (/proc/self/clear_refs) minus VmRSS; GPU: max_memory_allocated."""
+    xs = _kernel_inputs(T, getattr(torch, dtype_name), device, train)
+    _kernel_step(backend, [x[:, :64].detach().requires_grad_(train) for x in xs], train)  # lazy init
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _kernel_step(backend, xs, train)
+        torch.cuda.synchronize()
+        print((torch.cuda.max_memory_allocated() - base) / 2 ** 20)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kib("VmRSS")
+        _kernel_step(backend, xs, train)
+        print((_rss_kib("VmHWM") - base) / 1024)
+
+
+def _peak_mib(backend, T, dtype, device, train):
+    """_peak_mib_child in a fresh subprocess."""
+    code = (f"import bench; bench._peak_mib_child({backend!r}, {T}, {str(dtype).split('.')[1]!r}, "
+            f"{device!r}, {train})")
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def bench_kernel(Ts=(512, 2048, 8192), repeats=3):
+    """Tokens/s and peak memory of wkv6: chunked vs the sequential loop (and the CUDA kernel, forward
+    only, on a GPU), B=1, H=9, N=64, fp32 and bf16 inputs."""
+    rows = [("cpu", "sequential", True), ("cpu", "chunked", True)]
+    if torch.cuda.is_available():
+        rows += [("cuda", "sequential", True), ("cuda", "chunked", True), ("cuda", "cuda", False)]
+    print(f"## wkv6 kernel  (B={KERNEL_SHAPE['B']}, H={KERNEL_SHAPE['H']}, N={KERNEL_SHAPE['N']}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__})\n")
+    print("| dtype | T | device | backend | fwd tok/s | fwd+bwd tok/s | peak MiB fwd | peak MiB fwd+bwd "
+          "| fwd ×seq | fwd+bwd ×seq |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda x, f="{:,.0f}": "—" if x is None else f.format(x)
+    for dtype in (torch.float32, torch.bfloat16):
+        for T in Ts:
+            seq = {}
+            for device, backend, train in rows:
+                slow = backend == "sequential"
+                reps = 1 if slow else repeats
+                t = min(T, SEQ_PREFIX) if slow else T  # the loop runs on a prefix only
+                fwd = _tokens_per_s(backend, t, dtype, device, False, reps)
+                both = _tokens_per_s(backend, t, dtype, device, True, reps) if train else None
+                mem = [_peak_mib(backend, t, dtype, device, False),
+                       _peak_mib(backend, t, dtype, device, True) if train else None]
+                if slow:
+                    seq[device] = (fwd, both)
+                ratio = lambda a, b: None if a is None or b is None else a / b
+                name = backend + ("*" if t < T else "")
+                print(f"| {str(dtype)[6:]} | {T} | {device} | {name} | {fmt(fwd)} | {fmt(both)} | "
+                      f"{fmt(mem[0], '{:,.1f}')} | {fmt(mem[1], '{:,.1f}')} | "
+                      f"{fmt(ratio(fwd, seq[device][0]), '{:.1f}')} | {fmt(ratio(both, seq[device][1]), '{:.1f}')} |",
+                      flush=True)
+    print(f"\n\\* the sequential loop ran on the first {SEQ_PREFIX} tokens only (tokens/s and peak memory "
+          f"are for that prefix).  The sequential rows are one timed run after "
+          f"a 64-token warm-up, the others the median of {repeats}.  ×seq = tokens/s over the sequential row "
+          f"of the same dtype, T and device.  The cuda backend is forward-only (training uses chunked).\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# convert: step-1 and step-2 training throughput vs the teacher's plain forward (demo teacher)
+# ---------------------------------------------------------------------------------------------
+
+def bench_convert(model_dir=None, batch=2, seq_len=512, repeats=3):
+    """Tokens/s of one convert.py step 1 (teacher forward + time-mix forward/backward) and step 2
+    (teacher forward + student forward/backward with chunked KL) next to the teacher's forward, fp32."""
+    import convert
+    model_dir = model_dir or DEMO_TEACHER
+    t = qrwkv.load_model(model_dir, dtype=torch.float32).requires_grad_(False)
+    ids = torch.randint(t.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    aligner = convert.Aligner(convert.new_timemixes(t, (), "cpu"))
+    student = convert.build_student(t, ())
+    distiller = convert.Distiller(student, 256)
+
+    def teacher_forward():
+        with torch.no_grad():
+            t(ids)
+
+    def step1():
+        with torch.no_grad():
+            h = t.model.embed_tokens(ids)
+            cos, sin = t.rope(0, seq_len, h.device, h.dtype)
+            xs, ys = [], []
+            for i, blk in enumerate(t.model.layers):
+                x = blk.input_layernorm(h)
+                y, _ = blk.self_attn(x, cos, sin, None)
+                xs.append((i, x)), ys.append(y)
+                h = h + y
+                h = h + blk.mlp(blk.post_attention_layernorm(h))
+        outs = aligner(xs, cos, sin)
+        torch.stack([(a - b).norm(dim=-1).mean() for a, b in zip(ys, outs)]).mean().backward()
+
+    def step2():
+        with torch.no_grad():
+            ht, _ = t(ids, return_hidden=True)
+        distiller(ids, ht, t.lm_head.weight).backward()
+
+    print(f"## conversion throughput ({model_dir}, B={batch} x T={seq_len}, fp32, {torch.get_num_threads()} threads, "
+          f"median of {repeats} after a warm-up)\n")
+    print("| what | tokens/s | share of teacher forward |\n|---|---|---|")
+    base = None
+    for name, fn in (("teacher forward", teacher_forward), ("step 1 (alignment)", step1), ("step 2 (distillation)", step2)):
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        tok_s = batch * seq_len / statistics.median(times)
+        base = base or tok_s
+        print(f"| {name} | {tok_s:,.0f} | {tok_s / base:.0%} |", flush=True)
+    print()
+
+
+# ---------------------------------------------------------------------------------------------
+# decode: per-token latency after long contexts, converted model (state) vs teacher (KV cache)
+# ---------------------------------------------------------------------------------------------
+
+DEMO_TEACHER = "data/smollm2-135m-instruct"
+
+
+def _tiny_teacher():
+    cfg = qrwkv.Config.from_dict(dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256,
+                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))
+    torch.manual_seed(0)
+    return qrwkv.QRWKV(cfg).eval()
+
+
+@torch.inference_mode()
+def _synthetic_state(model, ctx, gen):
+    """A state as after ctx tokens, with random contents: KV caches of length ctx for attention layers, random
+    (shift, kv) for time-mix layers. Decode latency depends only on these shapes, not on the values."""
+    _, st = model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
+    layers = []
+    for entry, block in zip(st.layers, model.model.layers):
+        if isinstance(block.self_attn, qrwkv.Attention):
+            k, v = entry
+            layers.append(tuple(torch.randn(k.shape[0], k.shape[1], ctx, k.shape[3], generator=gen).to(k) for _ in range(2)))
+        else:
+            layers.append(tuple(torch.randn(t.shape, generator=gen).to(t) * 0.1 for t in entry))
+    return qrwkv.State(ctx, layers)
+
+
+@torch.inference_mode()
+def _decode_latencies(model, contexts, steps, warmup, prefill_chunk, seed=0, label=None, decode_threads=None,
+                      synthetic_state=False):
+    """{context: (median seconds per decoded token, state bytes)} for one model."""
+    V = model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(V, (1, max(contexts)), generator=gen)
+    out, state, pos = {}, None, 0
+    for ctx in sorted(contexts):
+        if synthetic_state:
+            state = _synthetic_state(model, ctx, gen)
+        else:
+            _, state = prefill(model, ids[:, pos:ctx], state=state, chunk_size=prefill_chunk)
+        pos = ctx
+        s, tok, times = state, ids[:, ctx - 1:ctx], []
+        threads = torch.get_num_threads()
+        torch.set_num_threads(decode_threads or threads)
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            logits, s = model(tok, state=s)
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        torch.set_num_threads(threads)
+        out[ctx] = (statistics.median(times), state.nbytes())
+        if label:
+            print(f"  {label} after {ctx} tokens: {out[ctx][0] * 1e3:.2f} ms/token", flush=True)
+    return out
+
+
+def bench_decode(model_dir=None, student_dir=None, contexts=(128, 1024, 4096, 16384), steps=16, warmup=4,
+                 prefill_chunk=2048, dtype=torch.float32, device="cpu", teacher=True, verbose=True, decode_threads=1,
+                 synthetic_state=True):
+    """Decode latency table: converted model vs teacher with KV cache. Returns a list of rows
+    {context, student_ms, teacher_ms, student_state_bytes, teacher_kv_bytes}.
+    decode_threads: torch threads while timing decode steps (prefill uses all). Batch-1 decode is many tiny ops;
+    on a shared 2-core machine two OpenMP threads per op made each step 3-20x slower and erratic, 1 is stable.
+    synthetic_state: skip the prefill and decode from a random state/KV cache of the right shape (latency
+    depends only on shapes) -- the default; a real prefill to 16k takes 30-55 minutes on 2 CPU cores."""
+    if model_dir is None and os.path.isdir(DEMO_TEACHER):
+        model_dir = DEMO_TEACHER
+    t = qrwkv.load_model(model_dir, dtype=dtype, device=device) if model_dir else _tiny_teacher().to(device, dtype)
+    s = qrwkv.load_model(student_dir, dtype=dtype, device=device) if student_dir else qrwkv.student_from_teacher(t).eval()
+    name = model_dir or "tiny random teacher"
+    if verbose:
+        print(f"decode latency: {name} ({t.config.num_hidden_layers} layers, C {t.config.hidden_size}), "
+              f"{dtype}, decode on {decode_threads or torch.get_num_threads()} thread(s), median of {steps} steps after "
+              f"{warmup} warm-up, " + ("synthetic states" if synthetic_state else f"prefill in chunks of {prefill_chunk}"), flush=True)
+    kw = dict(decode_threads=decode_threads, synthetic_state=synthetic_state)
+    res_s = _decode_latencies(s, contexts, steps, warmup, prefill_chunk, label="converted" if verbose else None, **kw)
+    del s
+    res_t = _decode_latencies(t, contexts, steps, warmup, prefill_chunk, label="teacher" if verbose else None, **kw) if teacher else {}
+    rows = [dict(context=c, student_ms=res_s[c][0] * 1e3, student_state_bytes=res_s[c][1],
+                 teacher_ms=res_t[c][0] * 1e3 if c in res_t else None,
+                 teacher_kv_bytes=res_t[c][1] if c in res_t else None) for c in sorted(contexts)]
+    if verbose:
+        print(f"{'context':>8} | {'converted ms/tok':>16} | {'teacher ms/tok':>14} | {'speedup':>7} | "
+              f"{'state bytes':>12} | {'KV-cache bytes':>14}")
+        for r in rows:
+            tm = r["teacher_ms"]
+            print(f"{r['context']:>8} | {r['student_ms']:>16.2f} | "
+                  + (f"{tm:>14.2f} | {tm / r['student_ms']:>6.2f}x | " if tm is not None else f"{'-':>14} | {'-':>7} | ")
+                  + f"{r['student_state_bytes']:>12,} | " + (f"{r['teacher_kv_bytes']:>14,}" if tm is not None else f"{'-':>14}"))
+        first, last = rows[0], rows[-1]
+        print(f"converted latency at {last['context']} / at {first['context']}: {last['student_ms'] / first['student_ms']:.3f} "
+              f"(goal <= 1.10); state bytes constant: {len(set(r['student_state_bytes'] for r in rows)) == 1}"
+              + ("; faster than the teacher at contexts >= 4096: "
+                 + str(all(r['student_ms'] < r['teacher_ms'] for r in rows if r['context'] >= 4096)) if teacher else ""))
+    return rows
+
+
+SECTIONS = {"kernel": bench_kernel, "convert": bench_convert, "decode": bench_decode}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", choices=sorted(SECTIONS), help="run one section")
+    args = p.parse_args()
+    for name, fn in SECTIONS.items():
+        if args.only in (None, name):
+            fn()
+
+
+if __name__ == "__main__":
+    main()

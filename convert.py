@@ -654,6 +654,8 @@ def run(args, d: Dist):
     model_kind, model_state, opt_state = None, None, None
     if ck is not None:
         stage, step, done = ck["stage"], ck["step"], ck["stage_done"]
+        if done and step < totals[stage]:  # a longer run: --resume with more --steps continues the finished stage
+            done = False
         model_kind, model_state, opt_state = ck["model_kind"], ck["model"], ck["optimizer"]
         changed = [k for k in TRAINING_ARGS if ck["args"].get(k) != getattr(args, k)]
         log(d, f"resuming stage {stage} step {step}{' (done)' if done else ''} from {ckpt_path}"
@@ -685,7 +687,7 @@ def run(args, d: Dist):
 
     for stage in stages:
         total = totals[stage]
-        resuming_here = ck is not None and ck["stage"] == stage and not ck["stage_done"]
+        resuming_here = ck is not None and ck["stage"] == stage and not done
         start = step if resuming_here else 0
         # --- the trained module, its optimizer and the per-step loss
         if stage == 1:

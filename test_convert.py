@@ -241,6 +241,12 @@ def test_resume_is_exact(world, tmp_path):
     a = qrwkv.load_model(str(tmp_path / "full")).state_dict()
     b = qrwkv.load_model(str(tmp_path / "cut")).state_dict()
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    # a longer run: --resume with more step-2 steps continues the finished run (flat step-2 LR: same as one long run)
+    inproc(cut + ["--resume", "--steps2", 8])
+    inproc([x if x != 6 or i != args.index("--steps2") + 1 else 8 for i, x in enumerate(args)] + ["--out", tmp_path / "long"])
+    longer, extended = train_losses(tmp_path / "long"), train_losses(tmp_path / "cut")
+    assert sorted(longer) == sorted(extended) and len(longer) == 14
+    assert all(abs(longer[k] - extended[k]) <= 1e-6 * max(1.0, abs(longer[k])) for k in longer)
 
 
 # ----------------------------------------------------------------------------- one-line errors

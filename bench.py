@@ -145,7 +145,7 @@ def bench_kernel(Ts=(512, 2048, 8192), repeats=3):
 # convert: step-1 and step-2 training throughput vs the teacher's plain forward (demo teacher)
 # ---------------------------------------------------------------------------------------------
 
-def bench_convert(model_dir=None, batch=2, seq_len=512, repeats=3):
+def bench_convert(model_dir=None, batch=1, seq_len=512, repeats=3):
     """Tokens/s of one convert.py step 1 (teacher forward + time-mix forward/backward) and step 2
     (teacher forward + student forward/backward with chunked KL) next to the teacher's forward, fp32."""
     import convert

@@ -9,9 +9,10 @@ distillation (SPEC §5, the RADLADS recipe):
           in token chunks (see `kl_divergence`); every student parameter trains, a tied LM head is untied.
   step 3  (optional, --steps3 > 0) cross-entropy on long sequences, no teacher.
 
-Single CPU (the demo: SmolLM2-135M-Instruct + Wikipedia summaries, fetched by prepare.py; defaults = 60 + 60 steps
-of 2 x 512 tokens, ~61k + 61k tokens; measured on a shared 2-core machine with --threads 1: step 1 ~38 tok/s,
-step 2 ~30 tok/s, fp32 -- bf16 autocast was 8-40x slower on that CPU, so --dtype auto is fp32 on CPU):
+The demo (SmolLM2-135M-Instruct + Wikipedia summaries, fetched by prepare.py): the defaults are 30 + 30 steps of
+1 sequence x 512 tokens x 2 micro-batches per process, 2048 tokens/step with 2 processes, ~61k + 61k tokens, ~35-40
+minutes and ~8 GB of memory per process on 2 CPU cores (fp32: bf16 autocast was 8-40x slower on that CPU, so
+--dtype auto is fp32 on CPU). The main command is the 2-process one below; one process works too:
 
     python convert.py
     python convert.py --threads 1      # when other jobs share the cores: 2 threads under contention ran 3-4x slower
@@ -32,7 +33,8 @@ Several machines (run on each node, node_rank 0..nnodes-1; the rendezvous endpoi
         --rdzv_endpoint=$MASTER_HOST:29500 --rdzv_id=qrwkv convert.py --teacher DIR --data PATH --out OUT
 
 Continue an interrupted run exactly (same losses as an uninterrupted one): add --resume. Only one stage:
---stage 1|2|3 (--stage 2 --resume after a finished step 1 continues from its student).
+--stage 1|2|3 (--stage 2 --resume after a finished step 1 continues from its student). A longer run:
+--resume with a larger --steps2 (or --steps1/--steps3) continues a finished stage.
 
 Output directory (--out): the final model is written into it as a Hugging Face style directory, so
 `python generate.py --model OUT` and `qrwkv.load_model(OUT)` work:
@@ -95,8 +97,8 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--attention_layers", default="", help="comma-separated layer indices kept as softmax attention (hybrid)")
     a("--seq_len", type=int, default=512, help="tokens per sequence in steps 1 and 2 (and evaluation)")
-    a("--batch_size", type=int, default=2, help="sequences per micro-batch per process")
-    a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--batch_size", type=int, default=1, help="sequences per micro-batch per process")
+    a("--grad_accum", type=int, default=2, help="micro-batches per optimizer step")
     a("--steps1", type=int, default=30, help="optimizer steps of step 1 (attention alignment)")
     a("--steps2", type=int, default=30, help="optimizer steps of step 2 (distillation)")
     a("--steps3", type=int, default=0, help="optimizer steps of step 3 (long-context cross-entropy); 0 = skip")
@@ -651,7 +653,7 @@ def run(args, d: Dist):
     stages = [1, 2] + ([3] if args.steps3 > 0 else []) if args.stage == "all" else [int(args.stage)]
     totals = {1: args.steps1, 2: args.steps2, 3: args.steps3}
     stage, step, done = stages[0], 0, False
-    model_kind, model_state, opt_state = None, None, None
+    model_kind, model_state, opt_state, resumed_stage = None, None, None, None
     if ck is not None:
         stage, step, done = ck["stage"], ck["step"], ck["stage_done"]
         if done and step < totals[stage]:  # a longer run: --resume with more --steps continues the finished stage
@@ -661,6 +663,7 @@ def run(args, d: Dist):
         log(d, f"resuming stage {stage} step {step}{' (done)' if done else ''} from {ckpt_path}"
                + (f"; changed arguments: {', '.join(changed)}" if changed else ""))
         set_rng_states(ck["rng"])
+        resumed_stage = stage
         if stage not in stages and not done:
             stages = [stage] + [s for s in stages if s > stage]
         stages = [s for s in stages if s > stage or (s == stage and not done)]
@@ -683,11 +686,12 @@ def run(args, d: Dist):
         student = build_student(teacher, attention_layers, state=model_state)
     stopped_early = False
     last_ckpt = [ck["stage"], ck["step"]] if ck is not None else []
+    ck = model_state = None   # free the loaded copy (the live model holds the weights now)
     steps_this_run = 0
 
     for stage in stages:
         total = totals[stage]
-        resuming_here = ck is not None and ck["stage"] == stage and not done
+        resuming_here = resumed_stage == stage and not done
         start = step if resuming_here else 0
         # --- the trained module, its optimizer and the per-step loss
         if stage == 1:
@@ -712,6 +716,7 @@ def run(args, d: Dist):
                                       weight_decay=args.weight_decay, fused=device.type == "cuda")
         if resuming_here and opt_state is not None:
             optimizer.load_state_dict(opt_state)
+        opt_state = None
         model = DDP(module, device_ids=[device.index] if device.type == "cuda" else None) if d.enabled else module
         module.train()
 
@@ -760,7 +765,7 @@ def run(args, d: Dist):
         tokens_per_step = args.grad_accum * d.world * B * T
         log(d, f"stage {stage}: steps {start}..{total}, {tokens_per_step} tokens/step (B {B} x T {T} x accum {args.grad_accum} "
                f"x {d.world} proc), lr {lr:g}->{min_lr:g}, {sum(p.numel() for p in params):,} trainable parameters")
-        if start == 0 and stage == stages[0] and ck is None and args.eval_tokens > 0:
+        if start == 0 and stage == stages[0] and resumed_stage is None and args.eval_tokens > 0:
             run_eval(0)
         dt_ema = None
         for s in range(start, total):
@@ -811,8 +816,6 @@ def run(args, d: Dist):
         checkpoint_now(total, True)
         if d.enabled:
             model = None   # drop the DDP wrapper (its hooks) before the next stage
-        ck = None
-        opt_state = None
         if stage == 1 and d.enabled:
             d.barrier()
 

@@ -21,7 +21,7 @@ import convert
 import qrwkv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FAST = ["--seq_len", "32", "--batch_size", "4", "--dtype", "float32", "--threads", "1", "--eval_tokens", "256",
+FAST = ["--seq_len", "32", "--batch_size", "4", "--grad_accum", "1", "--dtype", "float32", "--threads", "1", "--eval_tokens", "256",
         "--log_interval", "1000"]
 WORDS = ("the quick brown fox jumps over a lazy dog while seven red birds sing in old green trees near the "
          "river and one small cat sleeps").split()

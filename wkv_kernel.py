@@ -10,7 +10,7 @@ w_t = exp(log_w_t) in (0, 1]:
 
 There is no N^(-1/2) factor in here: the QRWKV6 model scales r itself before calling wkv6.
 
-    wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=64, subchunk_size=16)
+    wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=32, subchunk_size=8)
         -> (y, new_state)
 
 r, k, v, log_w: (B, T, H, N).  log_w <= 0, fp32, computed by the caller straight from the raw decay
@@ -83,9 +83,9 @@ def _chunk_states(k, v, c, S):
     dS = (k * (c_last - c).exp()).transpose(-1, -2) @ v  # (B, H, nc, N, N)
     decay = c_last.exp().transpose(-1, -2)  # (B, H, nc, N, 1), scales the key rows
     starts = []
-    for i in range(k.shape[2]):
+    for decay_i, dS_i in zip(decay.unbind(2), dS.unbind(2)):  # unbind: backward stacks the gradients once
         starts.append(S)
-        S = decay[:, :, i] * S + dS[:, :, i]
+        S = decay_i * S + dS_i
     return torch.stack(starts, 2), S
 
 
@@ -289,7 +289,7 @@ def _wkv6_cuda(mod, r, k, v, log_w, u, S):
 # Public entry point
 # ---------------------------------------------------------------------------------------------
 
-def wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=64, subchunk_size=16):
+def wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=32, subchunk_size=8):
     """(y, new_state) of the WKV6 recurrence; see the module docstring for shapes and the math."""
     if r.dim() != 4 or not (r.shape == k.shape == v.shape == log_w.shape):
         raise ValueError(f"r, k, v, log_w must share one (B, T, H, N) shape, got "

@@ -10,7 +10,7 @@ distillation (SPEC §5, the RADLADS recipe):
   step 3  (optional, --steps3 > 0) cross-entropy on long sequences, no teacher.
 
 The demo (SmolLM2-135M-Instruct + Wikipedia summaries, fetched by prepare.py): the defaults are 30 + 30 steps of
-1 sequence x 512 tokens x 2 micro-batches per process, 2048 tokens/step with 2 processes, ~61k + 61k tokens, ~35-40
+1 sequence x 512 tokens x 2 micro-batches per process, 2048 tokens/step with 2 processes, ~61k + 61k tokens, ~30-40
 minutes and ~8 GB of memory per process on 2 CPU cores (fp32: bf16 autocast was 8-40x slower on that CPU, so
 --dtype auto is fp32 on CPU). The main command is the 2-process one below; one process works too:
 

@@ -161,18 +161,8 @@ def bench_convert(model_dir=None, batch=1, seq_len=512, repeats=3):
             t(ids)
 
     def step1():
-        with torch.no_grad():
-            h = t.model.embed_tokens(ids)
-            cos, sin = t.rope(0, seq_len, h.device, h.dtype)
-            xs, ys = [], []
-            for i, blk in enumerate(t.model.layers):
-                x = blk.input_layernorm(h)
-                y, _ = blk.self_attn(x, cos, sin, None)
-                xs.append((i, x)), ys.append(y)
-                h = h + y
-                h = h + blk.mlp(blk.post_attention_layernorm(h))
-        outs = aligner(xs, cos, sin)
-        torch.stack([(a - b).norm(dim=-1).mean() for a, b in zip(ys, outs)]).mean().backward()
+        xs, ys, cos, sin = convert.teacher_attention_io(t, ids, range(t.config.num_hidden_layers))
+        convert.alignment_loss(ys, aligner(xs, cos, sin)).backward()
 
     def step2():
         with torch.no_grad():

@@ -331,6 +331,30 @@ def get_batch(data, seed, stage, step, micro, d: Dist, batch_size, seq_len, grad
 
 # ----------------------------------------------------------------------------- losses
 
+@torch.no_grad()
+def teacher_attention_io(teacher: qrwkv.QRWKV, ids, layers):
+    """Step-1 targets, the teacher advancing the residual stream: for each layer i in `layers`, its normalised
+    attention input x_i and attention output y_i. Returns ([(i, x_i)], [y_i], cos, sin)."""
+    h = teacher.model.embed_tokens(ids)
+    cos, sin = teacher.rope(0, ids.shape[1], h.device, h.dtype)
+    xs, ys = [], []
+    for i, blk in enumerate(teacher.model.layers):
+        x = blk.input_layernorm(h)
+        y, _ = blk.self_attn(x, cos, sin, None)
+        if i in layers:
+            xs.append((i, x))
+            ys.append(y)
+        h = h + y
+        h = h + blk.mlp(blk.post_attention_layernorm(h))
+    return xs, ys, cos, sin
+
+
+def alignment_loss(y_teacher, y_student) -> torch.Tensor:
+    """Step 1: mean over layers and tokens of ‖y_teacher − y_student‖₂ / √C, in fp32."""
+    C = y_teacher[0].shape[-1]
+    return torch.stack([(yt.float() - ys.float()).norm(dim=-1).mean() for yt, ys in zip(y_teacher, y_student)]).mean() / math.sqrt(C)
+
+
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Sum over tokens of KL(teacher || student) = Σ_v p_t (log p_t − log p_s), temperature 1, in fp32."""
     log_ps = F.log_softmax(student_logits.float(), dim=-1)
@@ -723,21 +747,10 @@ def run(args, d: Dist):
         def micro_loss(x):
             ids = x[:, :-1]
             if stage == 1:
-                with torch.no_grad(), amp():
-                    h = teacher.model.embed_tokens(ids)
-                    cos, sin = teacher.rope(0, ids.shape[1], h.device, h.dtype)
-                    xs, ys = [], []
-                    for i, blk in enumerate(teacher.model.layers):
-                        xn = blk.input_layernorm(h)
-                        y, _ = blk.self_attn(xn, cos, sin, None)
-                        if i in timemixes:
-                            xs.append((i, xn))
-                            ys.append(y)
-                        h = h + y
-                        h = h + blk.mlp(blk.post_attention_layernorm(h))
                 with amp():
+                    xs, ys, cos, sin = teacher_attention_io(teacher, ids, timemixes)
                     outs = model(xs, cos, sin)
-                return torch.stack([(yt.float() - ys_.float()).norm(dim=-1).mean() for yt, ys_ in zip(ys, outs)]).mean() / math.sqrt(C)
+                return alignment_loss(ys, outs)
             if stage == 2:
                 with torch.no_grad(), amp():
                     ht, _ = teacher(ids, return_hidden=True)

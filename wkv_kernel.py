@@ -10,7 +10,7 @@ w_t = exp(log_w_t) in (0, 1]:
 
 There is no N^(-1/2) factor in here: the QRWKV6 model scales r itself before calling wkv6.
 
-    wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=32, subchunk_size=8)
+    wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=16)
         -> (y, new_state)
 
 r, k, v, log_w: (B, T, H, N).  log_w <= 0, fp32, computed by the caller straight from the raw decay
@@ -20,7 +20,8 @@ fp64 inputs); all accumulation is fp32 or wider.
 
 Backends:
   "sequential"  per-token loop; the test oracle (also runs in fp64).
-  "chunked"     exact and stable chunked form (SPEC §4), autograd, O(T) saved memory.  Default on CPU.
+  "chunked"     exact and stable chunked form (SPEC §4; factorised decays, below), autograd, O(T)
+                saved memory.  Default on CPU.
   "cuda"        compiled CUDA/HIP kernel, forward only: used when no gradient is needed (inference);
                 when autograd needs gradients the chunked path runs instead.  No GPU, no compiler or a
                 failed compile -> one notice on stderr, then the chunked path.
@@ -37,10 +38,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 BACKENDS = ("sequential", "chunked", "cuda")
-_CKPT_TOKENS = 1024  # chunks are checkpointed in groups of this many tokens: bounds backward's peak memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,93 +68,59 @@ def _wkv6_sequential(r, k, v, log_w, u, S):
 
 
 # ---------------------------------------------------------------------------------------------
-# Chunked form.  Inside a chunk, c_i = Σ_{j<=i} log_w_j restarts at the chunk start, and the
-# decay seen by the query is g_i = c_i (QRWKV6: r⊙w_t reads S_{t-1}) or c_{i-1} (classic), so
+# Chunked form.  Inside a chunk of L tokens, c_i = Σ_{j<=i} log_w_j restarts at the chunk start,
+# and the decay seen by the query is g_i = c_i (QRWKV6: r⊙w_t reads S_{t-1}) or c_{i-1} (classic):
 #   y_i = (r_i ⊙ e^{g_i}) · S0 + Σ_{j<i} Σ_n r_in k_jn e^{g_in - c_jn} v_j + (b_i · k_i) v_i
-# with b = r (QRWKV6) or r ⊙ u (classic).  Every exponent used below is <= 0.
+# with b = r (QRWKV6) or r ⊙ u (classic).  The pair decays are factorised around the chunk's
+# midpoint m = c_last / 2:  e^{g_in - c_jn} = e^{g_in - m_n} · e^{m_n - c_jn}, so with
+#   q = r ⊙ e^{g - m},  κ = k ⊙ e^{m - c}:     y = (q ⊙ e^m) · S0 + tril(q κᵀ) v  (+ u term),
+#   chunk state update: S <- e^{c_last} ⊙ S + (κ ⊙ e^m)ᵀ v      (e^m · e^{m - c_j} = e^{c_last - c_j})
+# -- plain matmuls and O(T·N) elementwise passes, no (L, L, N) pair tensor.  For QRWKV6 the current
+# token is the diagonal of q κᵀ (e^{c_i - m} e^{m - c_i} = 1); classic adds (r ⊙ u · k) v instead.
+# Every factor lies in [e^{-span/2}, e^{span/2}] with span = -c_last <= L · max(-log_w); the chunk is
+# shortened per call until span <= _WKV6_SPAN, and below 2 tokens the sequential loop runs (only for
+# decays far beyond the model's clamp: QRWKV6 clamps log_w >= -5, so chunks of 16 always fit).  The
+# products above the diagonal may overflow; tril selects, so they never reach y or a gradient.
+# Cumulative decays are summed in fp64, so chunk length costs no precision.
 # Tensors: (..., L, N) with ... = (B, H, chunks).
 # ---------------------------------------------------------------------------------------------
 
-def _chunk_states(k, v, c, S):
-    """Initial state of every chunk and the final state.  Per chunk (parallel):
-    decay = e^{c_last}, dS = Σ_j (k_j ⊙ e^{c_last - c_j})ᵀ v_j; then sequentially S <- decay ⊙ S + dS."""
-    c_last = c[..., -1:, :]
-    dS = (k * (c_last - c).exp()).transpose(-1, -2) @ v  # (B, H, nc, N, N)
-    decay = c_last.exp().transpose(-1, -2)  # (B, H, nc, N, 1), scales the key rows
+_WKV6_SPAN = {torch.float32: 80.0, torch.float64: 600.0}  # factors within e^{±40} (fp32), e^{±300} (fp64)
+
+
+def _chunk_states(kd, v, decay, S):
+    """Initial state of every chunk and the final state: in parallel dS = kdᵀ v per chunk, then
+    sequentially S <- decay ⊙ S + dS (decay (..., N, 1) scales the key rows)."""
+    dS = kd.transpose(-1, -2) @ v  # (B, H, nc, N, N)
     starts = []
     for decay_i, dS_i in zip(decay.unbind(2), dS.unbind(2)):  # unbind: backward stacks the gradients once
         starts.append(S)
-        S = decay_i * S + dS_i
+        S = torch.addcmul(dS_i, decay_i, S)
     return torch.stack(starts, 2), S
 
 
-def _inter_and_offdiag(r, k, v, g, c, S0, Ls):
-    """Inter-chunk term (r_i ⊙ e^{g_i}) · S0 plus the off-diagonal sub-blocks, with the reference
-    point cref = c just before query sub-chunk I (0 for I = 0):
-    A[i, j] = (r_i ⊙ e^{g_i - cref}) · (k_j ⊙ e^{cref - c_j}) for keys j before sub-chunk I."""
-    L, nS = r.shape[-2], r.shape[-2] // Ls
-    y = (r * g.exp()) @ S0
-    sub = lambda x: x.unflatten(-2, (nS, Ls))  # (..., nS, Ls, N)
-    cref = F.pad(sub(c)[..., :-1, -1, :], (0, 0, 1, 0)).unsqueeze(-2)  # (..., nS, 1, N)
-    before = torch.arange(L, device=r.device) < Ls * torch.arange(nS, device=r.device)[:, None]
-    ek = torch.where(before[:, :, None], cref - c.unsqueeze(-3), -torch.inf).exp()  # (..., nS, L, N)
-    A = (sub(r) * (sub(g) - cref).exp()) @ (k.unsqueeze(-3) * ek).transpose(-1, -2)  # (..., nS, Ls, L)
-    return y + (A @ v.unsqueeze(-3)).flatten(-3, -2)
-
-
-def _pair_decay(g, c):
-    """E[i, j, n] = e^{g_in - c_jn} for j < i, 0 otherwise (masked to -inf before exp); (..., Ls, Ls, N)."""
-    Ls = g.shape[-2]
-    upper = torch.ones(Ls, Ls, dtype=torch.bool, device=g.device).triu()[:, :, None]
-    return (g.unsqueeze(-2) - c.unsqueeze(-3)).masked_fill_(upper, -torch.inf).exp_()
-
-
-class _PairScores(torch.autograd.Function):
-    """A[i, j] = Σ_n r_in k_jn E_ijn within each sub-chunk (the diagonal sub-blocks).  Only the
-    (..., Ls, N) inputs are saved; backward rebuilds E and, with M = dA ⊙ E, uses
-    dr = Σ_j M k_j,  dk = Σ_i M r_i,  dg = r ⊙ dr,  dc = -k ⊙ dk."""
-
-    @staticmethod
-    def forward(ctx, r, k, g, c):
-        ctx.save_for_backward(r, k, g, c)
-        return (_pair_decay(g, c).mul_(k.unsqueeze(-3)) @ r.unsqueeze(-1)).squeeze(-1)
-
-    @staticmethod
-    def backward(ctx, dA):
-        r, k, g, c = ctx.saved_tensors
-        M = _pair_decay(g, c).mul_(dA.unsqueeze(-1))
-        dr = (M * k.unsqueeze(-3)).sum(-2)
-        dk = M.mul_(r.unsqueeze(-2)).sum(-3)
-        return dr, dk, r * dr, -k * dk
-
-
-def _wkv6_chunked(r, k, v, log_w, u, S, L, Ls):
-    """Pad T to a multiple of L (log_w = 0, k = 0: the final state stays exact); pass state over
-    chunks sequentially; then all chunks in parallel: inter-chunk + off-diagonal sub-blocks
-    (checkpointed in groups of chunks), diagonal sub-blocks (_PairScores) and the current token."""
-    if L % Ls:
-        raise ValueError(f"chunk_size {L} must be a multiple of subchunk_size {Ls}")
+def _wkv6_chunked(r, k, v, log_w, u, S, L):
+    """Pad T to a multiple of L (log_w = 0, k = 0: the final state stays exact), factorised decays,
+    chunk states in sequence, then every chunk's output at once."""
     T, dt, pad = r.shape[1], S.dtype, -r.shape[1] % L
     prep = lambda x: F.pad(x.to(dt).transpose(1, 2), (0, 0, 0, pad)).unflatten(2, (-1, L))
-    r, k, v, log_w = map(prep, (r, k, v, log_w))  # (B, H, nc, L, N)
-    c = log_w.cumsum(-2)
-    g = c if u is None else F.pad(c, (0, 0, 1, 0))[..., :-1, :]  # classic: exact exclusive cumsum
-    S0, S = _chunk_states(k, v, c, S)
-
-    G = max(1, _CKPT_TOKENS // L)
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (r, k, v, c, S0))
-    ys = []
-    for i in range(0, r.shape[2], G):
-        part = [x[:, :, i:i + G] for x in (r, k, v, g, c, S0)]
-        ys.append(checkpoint(_inter_and_offdiag, *part, Ls, use_reentrant=False) if grad
-                  else _inter_and_offdiag(*part, Ls))
-    y = torch.cat(ys, 2)
-
-    sub = lambda x: x.unflatten(-2, (-1, Ls))
-    y = y + (_PairScores.apply(sub(r), sub(k), sub(g), sub(c)) @ sub(v)).flatten(-3, -2)
-    b = r if u is None else r * u.to(dt)[:, None, None, :]  # current token: (b_i · k_i) v_i
-    y = y + (b * k).sum(-1, keepdim=True) * v
+    r, k, v = map(prep, (r, k, v))  # (B, H, nc, L, N)
+    lw = prep(log_w.double())
+    c = lw.cumsum(-2)
+    m = c[..., -1:, :] / 2
+    g = c if u is None else c - lw  # classic: exclusive cumsum c_{i-1}
+    q, kappa, em = r * (g - m).to(dt).exp(), k * (m - c).to(dt).exp(), m.to(dt).exp()
+    S0, S = _chunk_states(kappa * em, v, em.square().transpose(-1, -2), S)
+    y = (q * em) @ S0 + (q @ kappa.transpose(-1, -2)).tril(0 if u is None else -1) @ v
+    if u is not None:  # classic current token: (r_i ⊙ u · k_i) v_i
+        y = y + (r * u.to(dt)[:, None, None, :] * k).sum(-1, keepdim=True) * v
     return y.flatten(2, 3)[:, :, :T].transpose(1, 2), S
+
+
+def _wkv6_chunk_len(log_w, chunk_size, dt):
+    """The longest chunk <= chunk_size whose factorised decays stay within e^{±span/2} (see above)."""
+    strongest = -log_w.detach().min().item()
+    return chunk_size if strongest * chunk_size <= _WKV6_SPAN[dt] else int(_WKV6_SPAN[dt] // strongest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +254,7 @@ def _wkv6_cuda(mod, r, k, v, log_w, u, S):
 # Public entry point
 # ---------------------------------------------------------------------------------------------
 
-def wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=32, subchunk_size=8):
+def wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=16):
     """(y, new_state) of the WKV6 recurrence; see the module docstring for shapes and the math."""
     if r.dim() != 4 or not (r.shape == k.shape == v.shape == log_w.shape):
         raise ValueError(f"r, k, v, log_w must share one (B, T, H, N) shape, got "
@@ -312,8 +277,146 @@ def wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=32, subchu
         u = None if u is None else u.to(dt)
         y, S = _step(r[:, 0].to(dt), k[:, 0].to(dt), v[:, 0].to(dt), log_w[:, 0].to(dt).exp(), u, S)
         return y.unsqueeze(1).to(r.dtype), S
-    if backend == "sequential":
-        y, S = _wkv6_sequential(r, k, v, log_w, u, S)
-    else:
-        y, S = _wkv6_chunked(r, k, v, log_w, u, S, chunk_size, subchunk_size)
+    L = 1 if backend == "sequential" else _wkv6_chunk_len(log_w, chunk_size, dt)
+    y, S = _wkv6_sequential(r, k, v, log_w, u, S) if L < 2 else _wkv6_chunked(r, k, v, log_w, u, S, L)
+    return y.to(r.dtype), S
+
+
+# =============================================================================================
+# WKV7: the RWKV-7 recurrence (generalised delta rule) of the rwkv7qwen2 student
+# =============================================================================================
+#
+# Per batch and head, state S of shape (N, N) indexed [key, value], column vectors, w_t = exp(log_w_t):
+#
+#     S_t = (diag(w_t) + b_t a_tᵀ) S_{t-1} + k_t v_tᵀ,        y_t = S_tᵀ r_t
+#
+# (y reads the updated state; no scale, no bonus.)  RAD-RWKV7 passes a = -κ̂, b = κ̂ ⊙ iclr: the state first
+# forgets a fraction iclr of what it stores along the unit key κ̂, then writes k vᵀ.
+#
+#     wkv7(r, k, v, log_w, a, b, state=None, backend=None, chunk_size=16) -> (y, new_state)
+#
+# Chunked form (notes/rwkv7qwen2.md §9, FLA's chunk_dplr).  Inside a chunk of Lc tokens starting from S0,
+# g_i = Σ_{j<=i} log_w_j restarts at the chunk start (g_{-1} = 0) and u_i = S_{i-1}ᵀ a_i is the row that the
+# rank-1 term moves along b_i.  Unrolling the recurrence:
+#
+#     S_i = e^{g_i} ⊙ S0 + Σ_{j<=i} e^{g_i - g_j} ⊙ (b_j u_jᵀ + k_j v_jᵀ)         (⊙ scales the key rows)
+#
+# With row stacks U, V, Y (Lc, N), A_xy[i, j] = Σ_d x_id y_jd e^{g_{i-1,d} - g_jd} for j < i and
+# B_xy[i, j] = Σ_d x_id y_jd e^{g_id - g_jd} for j <= i:
+#
+#     (I - A_ab) U = (a ⊙ e^{g_{i-1}}) S0 + A_ak V        I - A_ab is unit lower triangular: one solve, giving
+#                                                        U = W S0 + Ũ (the WY / UT representation)
+#     Y   = (r ⊙ e^{g}) S0 + B_rb U + B_rk V = (r ⊙ e^{g} + B_rb W) S0 + (B_rb Ũ + B_rk V)
+#     S_L = e^{g_L} ⊙ S0 + (b ⊙ e^{g_L - g})ᵀ U + (k ⊙ e^{g_L - g})ᵀ V = M S0 + Δ
+#
+# Everything but S0 is computed for all chunks in parallel; only S <- M S + Δ runs chunk by chunk.
+# The pair decays are factorised, e^{g_i - g_j} = e^{g_i} · e^{-g_j}, so the scores are plain matmuls.  Every
+# factor lies in [e^{-span}, e^{span}] with span = Lc · max(-log_w); the chunk is shortened per call until
+# span <= _WKV7_SPAN (fp32: e^{±60} leaves 10^12 of headroom for the products), and below 2 tokens the
+# sequential loop runs.  RAD-RWKV7 decays satisfy -log_w < e^{-1/2} = 0.6065, so chunks of up to 98 tokens
+# are always used as asked.  Cumulative decays are summed in fp64, so chunk length costs no precision.
+# Saved memory for backward is O(T): per chunk a few (Lc, N) and (Lc, Lc) tensors and M, Δ, S0 (N, N).
+
+WKV7_BACKENDS = ("sequential", "chunked")
+_WKV7_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
+
+
+def _wkv7_step(r, k, v, w, a, b, S):
+    """One token, (B, H, N) vectors, S (B, H, N, N):  S' = diag(w) S + b (aᵀS) + k vᵀ;  y = S'ᵀ r."""
+    u = a.unsqueeze(-2) @ S  # (B, H, 1, N): the row the rank-1 term moves along b
+    S = w.unsqueeze(-1) * S + b.unsqueeze(-1) * u + k.unsqueeze(-1) * v.unsqueeze(-2)
+    return (r.unsqueeze(-2) @ S).squeeze(-2), S
+
+
+def _wkv7_sequential(r, k, v, log_w, a, b, S):
+    """The recurrence token by token in S's dtype (fp64 for the test oracle)."""
+    dt = S.dtype
+    r, k, v, a, b, w = (x.to(dt) for x in (r, k, v, a, b, log_w.to(dt).exp()))
+    ys = []
+    for t in range(r.shape[1]):
+        y, S = _wkv7_step(r[:, t], k[:, t], v[:, t], w[:, t], a[:, t], b[:, t], S)
+        ys.append(y)
+    return torch.stack(ys, 1), S
+
+
+def _unit_lower_inverse(A):
+    """(I - A)^{-1} for strictly lower-triangular A (..., n, n): block forward substitution that doubles the
+    solved diagonal blocks each round, [[I-P, 0], [-R, I-Q]]^{-1} = [[X, 0], [Y R X, Y]] = D + D R' D with
+    D = diag(X, Y) and R' = the block R alone.  log2(n) rounds of two batched matmuls (a batched LAPACK
+    triangular solve of many 16x16 systems measured 25x slower on CPU)."""
+    n, i = A.shape[-1], torch.arange(A.shape[-1], device=A.device)
+    X = torch.eye(n, dtype=A.dtype, device=A.device).expand_as(A)
+    s = 1
+    while s < n:
+        R = A * ((i[:, None] // (2 * s) == i // (2 * s)) & (i[:, None] // s > i // s))
+        X, s = X + X @ R @ X, 2 * s
+    return X
+
+
+def _wkv7_chunk_terms(r, k, v, log_w, a, b):
+    """Per chunk, in parallel, (B, H, nc, Lc, N) inputs: Q, Y_in (Y = Q S0 + Y_in) and M, Δ (S_L = M S0 + Δ)."""
+    Lc, dt = r.shape[-2], r.dtype
+    g64 = log_w.double().cumsum(-2)
+    e, ep, ie, ed = (x.exp().to(dt) for x in (g64, g64 - log_w.double(), -g64, g64[..., -1:, :] - g64))
+    incl = torch.ones(Lc, Lc, dtype=torch.bool, device=r.device).tril()
+    strict = incl.tril(-1)
+    bk = torch.cat([b * ie, k * ie], -2).transpose(-1, -2)  # (.., N, 2Lc): b_j e^{-g_j}, k_j e^{-g_j}
+    A_ab, A_ak = ((a * ep) @ bk).mul(strict.repeat(1, 2)).split(Lc, -1)
+    B_rb, B_rk = ((r * e) @ bk).mul(incl.repeat(1, 2)).split(Lc, -1)
+    W, Ut = (_unit_lower_inverse(A_ab) @ torch.cat([a * ep, A_ak @ v], -1)).split(r.shape[-1], -1)
+    Q, Y_in = r * e + B_rb @ W, B_rb @ Ut + B_rk @ v
+    bd, kd = (b * ed).transpose(-1, -2), (k * ed).transpose(-1, -2)
+    M = torch.diag_embed(e[..., -1, :]) + bd @ W
+    return Q, Y_in, M, bd @ Ut + kd @ v
+
+
+def _wkv7_chunked(r, k, v, log_w, a, b, S, Lc):
+    """Pad T to a multiple of Lc (a = b = k = 0, log_w = 0: padded tokens leave S as it is), chunk terms in
+    parallel, the chunk states in sequence, then Y = Q S0 + Y_in for all chunks."""
+    T, dt, pad = r.shape[1], S.dtype, -r.shape[1] % Lc
+    prep = lambda x: F.pad(x.to(dt).transpose(1, 2), (0, 0, 0, pad)).unflatten(2, (-1, Lc))
+    Q, Y_in, M, Delta = _wkv7_chunk_terms(*map(prep, (r, k, v, log_w, a, b)))
+    starts = []
+    for M_i, D_i in zip(M.unbind(2), Delta.unbind(2)):  # unbind: backward stacks the gradients once
+        starts.append(S)
+        S = torch.baddbmm(D_i.flatten(0, 1), M_i.flatten(0, 1), S.flatten(0, 1)).view_as(S)
+    y = Q @ torch.stack(starts, 2) + Y_in
+    return y.flatten(2, 3)[:, :, :T].transpose(1, 2), S
+
+
+def _wkv7_chunk_len(log_w, chunk_size, dt):
+    """The longest chunk <= chunk_size whose factorised decays stay within e^{±_WKV7_SPAN} (see above)."""
+    strongest = -log_w.detach().min().item()
+    return chunk_size if strongest * chunk_size <= _WKV7_SPAN[dt] else int(_WKV7_SPAN[dt] // strongest)
+
+
+def wkv7(r, k, v, log_w, a, b, state=None, backend=None, chunk_size=16):
+    """(y, new_state) of the WKV7 recurrence S_t = (diag(w_t) + b_t a_tᵀ) S_{t-1} + k_t v_tᵀ, y_t = S_tᵀ r_t.
+
+    Args:
+        r, k, v, a, b: (B, T, H, N) in one dtype (fp32, bf16, fp16 or fp64).
+        log_w: (B, T, H, N), <= 0, fp32 (or fp64): log of the per-channel decay w_t.
+        state: (B, H, N, N) fp32 [key, value], or None for zeros.
+        backend: "sequential" (per-token loop, the oracle), "chunked" or None (= chunked; T == 1 is one step).
+        chunk_size: tokens per chunk of the chunked form.
+    Returns:
+        y (B, T, H, N) in r's dtype, new_state (B, H, N, N) fp32 (fp64 for fp64 inputs).
+    Example:
+        >>> y, S = wkv7(r, k, v, log_w, -kk, kk * iclr)                      # prefill
+        >>> y1, S = wkv7(r1, k1, v1, log_w1, -kk1, kk1 * iclr1, state=S)    # next token
+    """
+    xs = (r, k, v, log_w, a, b)
+    if r.dim() != 4 or any(x.shape != r.shape for x in xs):
+        raise ValueError(f"r, k, v, log_w, a, b must share one (B, T, H, N) shape, got {[tuple(x.shape) for x in xs]}")
+    if backend not in (None,) + WKV7_BACKENDS:
+        raise ValueError(f"backend must be one of {WKV7_BACKENDS} or None, got {backend!r}")
+    B, T, H, N = r.shape
+    dt = torch.promote_types(r.dtype, torch.float32)
+    S = r.new_zeros(B, H, N, N, dtype=dt) if state is None else state.to(dt)
+    if T == 1:  # decoding: one direct step
+        y, S = _wkv7_step(*(x[:, 0].to(dt) for x in (r, k, v)), log_w[:, 0].to(dt).exp(),
+                          a[:, 0].to(dt), b[:, 0].to(dt), S)
+        return y.unsqueeze(1).to(r.dtype), S
+    Lc = 1 if backend == "sequential" else _wkv7_chunk_len(log_w, chunk_size, dt)
+    y, S = _wkv7_sequential(*xs, S) if Lc < 2 else _wkv7_chunked(*xs, S, Lc)
     return y.to(r.dtype), S

@@ -151,23 +151,19 @@ def bench_convert(model_dir=None, batch=1, seq_len=512, repeats=3):
     import convert
     model_dir = model_dir or DEMO_TEACHER
     t = qrwkv.load_model(model_dir, dtype=torch.float32).requires_grad_(False)
-    ids = torch.randint(t.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))
-    aligner = convert.Aligner(convert.new_timemixes(t, (), "cpu"))
-    student = convert.build_student(t, ())
-    distiller = convert.Distiller(student, 256)
+    x = torch.randint(t.config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    student = convert.build_student(t, (), "cpu", None)
 
     def teacher_forward():
         with torch.no_grad():
-            t(ids)
+            t(x[:, :-1])
 
-    def step1():
-        xs, ys, cos, sin = convert.teacher_attention_io(t, ids, range(t.config.num_hidden_layers))
-        convert.alignment_loss(ys, aligner(xs, cos, sin)).backward()
-
-    def step2():
-        with torch.no_grad():
-            ht, _ = t(ids, return_hidden=True)
-        distiller(ids, ht, t.lm_head.weight).backward()
+    def step(n, loss):
+        def fn():
+            convert.trainable(student, n)
+            loss(student, student, t, x, 256).backward()
+        return fn
+    step1, step2 = step(1, convert.align_loss), step(2, convert.distill_loss)
 
     print(f"## conversion throughput ({model_dir}, B={batch} x T={seq_len}, fp32, {torch.get_num_threads()} threads, "
           f"median of {repeats} after a warm-up)\n")

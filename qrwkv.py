@@ -14,6 +14,7 @@ One class runs teachers, converted models and hybrids:
 
 Tests: `python -m pytest -q`.
 """
+import contextlib
 import json
 import math
 import os
@@ -309,7 +310,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos, sin, state=None):
+    def forward(self, h, cos, sin, state=None, mixer_only=False):
+        if mixer_only:  # teacher-forced (conversion step 1): h is already the normalised mixer input
+            return self.self_attn(h, cos, sin, None)[0], None
         y, state = self.self_attn(self.input_layernorm(h), cos, sin, state)
         h = h + y
         return h + self.mlp(self.post_attention_layernorm(h)), state
@@ -347,9 +350,15 @@ class QRWKV(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)[None, :, None, :]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, input_ids, state: State | None = None, return_hidden=False):
-        """input_ids (B, T) -> logits (B, T, V) (or final normed hidden states), and the state after the last token."""
+    def forward(self, input_ids, state: State | None = None, return_hidden=False, mixer_inputs: dict | None = None):
+        """input_ids (B, T) -> logits (B, T, V) (or final normed hidden states), and the state after the last token.
+        Teacher-forced (conversion step 1): mixer_inputs {layer: normalised input (B, T, C)} -> ({layer: mixer output}, None),
+        running only those layers' mixers, each through its block (so hooks on blocks, e.g. FSDP's, see the call)."""
         pos = state.pos if state is not None else 0
+        if mixer_inputs is not None:
+            x0 = next(iter(mixer_inputs.values()))
+            cos, sin = self.rope(pos, input_ids.shape[1], x0.device, x0.dtype)
+            return {i: self.model.layers[i](x, cos, sin, mixer_only=True)[0] for i, x in mixer_inputs.items()}, None
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rope(pos, input_ids.shape[1], h.device, h.dtype)
         new_layers = []
@@ -358,6 +367,20 @@ class QRWKV(nn.Module):
             new_layers.append(s)
         h = self.model.norm(h)
         return (h if return_hidden else self.lm_head(h)), State(pos + input_ids.shape[1], new_layers)
+
+    @contextlib.contextmanager
+    def capture_mixers(self, layers):
+        """Within the block: {layer: (normalised mixer input, mixer output)} of the layers' forward passes, recorded by
+        forward hooks on the mixers (the layer loop stays in forward; step-1 targets and calibration read it)."""
+        io, hooks = {}, []
+        for i in layers:
+            hook = lambda mod, args, out, i=i: io.__setitem__(i, (args[0], out[0]))
+            hooks.append(self.model.layers[i].self_attn.register_forward_hook(hook))
+        try:
+            yield io
+        finally:
+            for h in hooks:
+                h.remove()
 
     def untie_lm_head(self):
         """Give the LM head its own copy of the embedding (distillation trains it separately)."""

@@ -1,4 +1,5 @@
-"""Tests of convert.py on tiny random teachers (transformers Llama / Qwen2 + a byte-level BPE tokenizer).
+"""Tests of convert.py on tiny random teachers (transformers Llama / Qwen2 + a byte-level BPE tokenizer; the `world`
+fixture of conftest.py).
 
     python -m pytest -q test_convert.py
 
@@ -7,7 +8,6 @@ convert.main() in-process, single process, 1 thread.
 """
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -23,57 +23,6 @@ import qrwkv
 HERE = os.path.dirname(os.path.abspath(__file__))
 FAST = ["--seq_len", "32", "--batch_size", "4", "--grad_accum", "1", "--dtype", "float32", "--threads", "1", "--eval_tokens", "256",
         "--log_interval", "1000"]
-WORDS = ("the quick brown fox jumps over a lazy dog while seven red birds sing in old green trees near the "
-         "river and one small cat sleeps").split()
-
-
-def make_corpus(n_docs=160, seed=0):
-    """Documents with a learnable structure: each word is followed by one of its two successors."""
-    rng = random.Random(seed)
-    docs = []
-    for _ in range(n_docs):
-        w = rng.randrange(len(WORDS))
-        out = []
-        for _ in range(rng.randint(15, 45)):
-            out.append(WORDS[w])
-            w = (w + rng.choice((1, 1, 3))) % len(WORDS)
-        docs.append(" ".join(out) + ".")
-    return docs
-
-
-def make_teacher(path, docs, kind="llama", seed=0, tie=True):
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    os.makedirs(path, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=320, special_tokens=["<eos>"], show_progress=False,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(os.path.join(path, "tokenizer.json"))
-    torch.manual_seed(seed)
-    common = dict(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, eos_token_id=0,
-                  bos_token_id=0, tie_word_embeddings=tie, initializer_range=0.15)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
-    else:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
-    model.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("convert")
-    docs = make_corpus()
-    data = root / "text.jsonl"
-    data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return dict(root=root, docs=docs, data=str(data),
-                llama=make_teacher(str(root / "llama"), docs, "llama"),
-                qwen=make_teacher(str(root / "qwen"), docs, "qwen2", seed=1, tie=False))
-
-
 def env():
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return e
@@ -121,7 +70,8 @@ def test_kl_divergence_and_chunking():
     head, wt = torch.nn.Linear(5, 7, bias=False), torch.randn(7, 5)
     full = convert.kl_divergence(head(hs.flatten(0, 1)), F.linear(ht.flatten(0, 1), wt)) / 18
     g_full = torch.autograd.grad(full, hs)[0]
-    chunked = convert.chunked_kl(hs, ht, head, wt, chunk=4)
+    kl = lambda hs_c, ht_c: convert.kl_divergence(head(hs_c), F.linear(ht_c, wt))
+    chunked = convert.chunked_over_tokens(kl, hs, ht, chunk=4) / 18
     g_chunk = torch.autograd.grad(chunked, hs)[0]
     assert torch.allclose(full, chunked, atol=1e-6) and torch.allclose(g_full, g_chunk, atol=1e-6)
 
@@ -150,13 +100,14 @@ def test_data_formats_split_and_reuse(world, tmp_path):
     convert.prepare_data(d, str(tmp_path / "docs.jsonl"), world["llama"], str(tmp_path / "out"), key)
     assert os.stat(tmp_path / "out" / "data" / "train.bin").st_mtime_ns == t0        # reused, not rewritten
     # batches: deterministic in (seed, stage, step); 2 ranks x B == 1 rank x 2B
-    x = convert.get_batch(np.arange(1000), 1, 2, 3, 0, d, 4, 8, 1, "cpu")
-    assert torch.equal(x, convert.get_batch(np.arange(1000), 1, 2, 3, 0, d, 4, 8, 1, "cpu"))
+    batch = lambda d, B: convert.get_batch(np.arange(1000), seed=1, stage=2, step=3, micro=0, d=d, B=B, T=8, grad_accum=1, device="cpu")
+    x = batch(d, 4)
+    assert torch.equal(x, batch(d, 4))
     halves = []
     for r in range(2):
         dr = convert.Dist()
         dr.rank, dr.world = r, 2
-        halves.append(convert.get_batch(np.arange(1000), 1, 2, 3, 0, dr, 2, 8, 1, "cpu"))
+        halves.append(batch(dr, 2))
     assert torch.equal(torch.cat(halves), x) and torch.equal(x[:, 1:], x[:, :-1] + 1)
 
 
@@ -204,15 +155,15 @@ def test_ddp_equals_single_process(world, tmp_path):
     single[single.index("--batch_size") + 1] = "4"
     inproc(single)
     inproc(base + ["--out", tmp_path / "accum", "--grad_accum", 2])
-    ref = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=False)
-    assert ref["stage"] == 2 and ref["stage_done"]
+    ref = torch.load(tmp_path / "ddp" / "ckpt.pt", weights_only=True)
+    assert ref["stage"] == 2 and ref["done"]
     assert isinstance(qrwkv.load_model(str(tmp_path / "ddp")).model.layers[1].self_attn, qrwkv.Attention)
     recs = lambda run: {(x["stage"], x["step"]): x for x in map(json.loads, open(tmp_path / run / "metrics.jsonl"))}
     for other in ("one", "accum"):
         for k, x in recs("ddp").items():
             for f in ("loss", "grad_norm"):
                 assert abs(x[f] - recs(other)[k][f]) <= 1e-6 * max(1, abs(x[f])), (other, k, f)
-        ck = torch.load(tmp_path / other / "ckpt.pt", weights_only=False)
+        ck = torch.load(tmp_path / other / "ckpt.pt", weights_only=True)
         for i, st in ref["optimizer"]["state"].items():
             g, g_other = st["exp_avg"], ck["optimizer"]["state"][i]["exp_avg"]
             assert (g - g_other).abs().max() <= 1e-5 * g.abs().max() + 1e-12, (other, i)
@@ -225,11 +176,11 @@ def test_resume_is_exact(world, tmp_path):
     inproc(args + ["--out", tmp_path / "full"])
     cut = args + ["--out", tmp_path / "cut"]
     inproc(cut + ["--stop_after", 3])                  # stops in step 1 at step 3
-    ck = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
-    assert (ck["stage"], ck["step"], ck["stage_done"]) == (1, 3, False) and not (tmp_path / "cut" / "config.json").exists()
+    ck = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
+    assert (ck["stage"], ck["step"], ck["done"]) == (1, 3, False) and not (tmp_path / "cut" / "config.json").exists()
     assert error_of(cut).endswith("pass --resume to continue it or delete the directory to start over")
     inproc(cut + ["--resume", "--stop_after", 5])      # crosses into step 2, stops at its step 2
-    ck = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=False)
+    ck = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
     assert (ck["stage"], ck["step"]) == (2, 2)
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:   # a killed run may have logged steps past its checkpoint
         f.write(json.dumps(dict(kind="train", stage=2, step=3, loss=123.0)) + "\n")
@@ -265,7 +216,7 @@ def test_step3_long_context_cross_entropy(done_run):
     losses = train_losses(out)
     assert sorted(losses) == [(1, 1), (2, 1), (3, 1), (3, 2)] and all(np.isfinite(list(losses.values())))
     assert 2 < losses[(3, 1)] < 10          # next-token cross-entropy in nats for a 320-token vocabulary
-    assert torch.load(out / "ckpt.pt", weights_only=False)["stage"] == 3
+    assert torch.load(out / "ckpt.pt", weights_only=True)["stage"] == 3
 
 
 def test_errors_teacher(world, tmp_path):
@@ -322,5 +273,5 @@ def test_error_nan_loss_keeps_checkpoint(world, tmp_path):
                     "--warmup1", 0, "--lr1", 1e30, "--min_lr1", 1e30, "--save_interval", 1, "--eval_tokens", 0])
     assert "loss is" in msg and "kept" in msg, msg
     step = int(msg.split("stage 1 step ")[1].split(":")[0])
-    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert f"(stage 1 step {step - 1})" in msg and ck["step"] == step - 1 and all(torch.isfinite(v).all() for v in ck["model"].values())

@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from wkv_kernel import wkv6
+from wkv_kernel import wkv6, wkv7
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "rwkv6qwen2")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral", "rwkv6qwen2", "rwkv7qwen2")
+CONVERTED_MODEL_TYPES = ("rwkv6qwen2", "rwkv7qwen2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "vocab.json", "merges.txt", "chat_template.jinja")
 # fields of config.json this file owns for converted models (everything else is copied from the teacher)
@@ -68,6 +69,12 @@ class Config:
     groupnorm_att: bool = False
     use_tokenshift: bool = True
     teacher_model_type: str = "qwen2"
+    # RWKV-7 student (rwkv7qwen2, section at the end of this file); student picks the time-mix class
+    student: str = "rwkv6"
+    lora_rank_iclr: int | None = None
+    lora_rank_value_residual_mix: int | None = None
+    lora_rank_gate: int | None = None
+    gate_rank_type: int = 2
     raw: dict = field(default_factory=dict, repr=False)   # the config.json as read, written back on save
 
     @classmethod
@@ -78,7 +85,8 @@ class Config:
         if d.get("use_sliding_window") or (mt == "mistral" and d.get("sliding_window") is not None):
             raise ValueError(f"config.json: sliding window attention (use_sliding_window / sliding_window="
                              f"{d.get('sliding_window')}) is not supported; set sliding_window to null if your sequences fit in it")
-        family = d.get("teacher_model_type", "qwen2") if mt == "rwkv6qwen2" else mt
+        converted = mt in CONVERTED_MODEL_TYPES
+        family = d.get("teacher_model_type", "qwen2") if converted else mt
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
@@ -86,7 +94,6 @@ class Config:
         theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
         C, H = d["hidden_size"], d["num_attention_heads"]
         n_layer = d["num_hidden_layers"]
-        converted = mt == "rwkv6qwen2"
         if converted:         # rwkv6qwen2 names both biases
             qkv_bias, o_bias = bool(d.get("attention_bias", True)), bool(d.get("attention_output_bias", False))
         elif family == "qwen2":  # hard-coded in Qwen2, absent from its config.json
@@ -114,10 +121,12 @@ class Config:
             cfg.lora_rank_tokenshift = 32 if C < 4096 else 64
         if cfg.lora_rank_decay is None:
             cfg.lora_rank_decay = 64 if C < 4096 else 128
-        return cfg
+        return rwkv7_config(cfg, d) if mt == "rwkv7qwen2" else cfg
 
     def to_dict(self) -> dict:
         """config.json of a converted model: the teacher's fields plus the rwkv6qwen2 ones (SPEC §3)."""
+        if self.student == "rwkv7":
+            return rwkv7_config_dict(self)
         d = dict(self.raw)
         for k in ("rope_scaling", "rope_parameters", "torch_dtype"):
             d.pop(k, None)
@@ -306,7 +315,8 @@ class Block(nn.Module):
     def __init__(self, cfg: Config, layer_id: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg) if layer_id in cfg.attention_layers else TimeMix(cfg, layer_id)
+        mixer = TimeMix7 if cfg.student == "rwkv7" else TimeMix
+        self.self_attn = Attention(cfg) if layer_id in cfg.attention_layers else mixer(cfg, layer_id)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
@@ -337,6 +347,7 @@ class QRWKV(nn.Module):
             embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
             layers=nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers)),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)))
+        share_value_residual(self.model.layers)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -391,15 +402,25 @@ class QRWKV(nn.Module):
 
 # ----------------------------------------------------------------------------- conversion, load, save
 
-def student_from_teacher(teacher: QRWKV, attention_layers=(), **rwkv_options) -> QRWKV:
-    """A new model whose layers not in `attention_layers` are time-mix blocks initialised per SPEC §3:
-    q/k/v/o (+ biases, + Qwen3 q/k norms), embeddings, norms, MLPs and head copied from the teacher."""
+def student_from_teacher(teacher: QRWKV, attention_layers=(), student="rwkv6", **rwkv_options) -> QRWKV:
+    """A new model whose layers not in `attention_layers` are time-mix blocks initialised per SPEC §3
+    (student "rwkv6", rwkv6qwen2) or SPEC §9 (student "rwkv7", rwkv7qwen2: attention only in the last layers):
+    q/k/v/o (+ biases, + Qwen3 q/k norms), embeddings, norms, MLPs and head copied from the teacher.
+
+    Example:
+        >>> student = student_from_teacher(teacher, attention_layers=(L - 1,), student="rwkv7")
+        >>> logits, state = student(ids); save_model(student, "out")
+    """
+    if student not in ("rwkv6", "rwkv7"):
+        raise ValueError(f"student must be 'rwkv6' or 'rwkv7', got {student!r}")
+    if student == "rwkv7":
+        rwkv_options = rwkv7_student_options(teacher.config, attention_layers, **rwkv_options)
     cfg = replace(teacher.config, attention_layers=tuple(attention_layers), **rwkv_options)
     p = next(teacher.parameters())
     with torch.device(p.device):
         student = QRWKV(cfg).to(p.dtype)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    fresh = ("gate", "time_maa", "time_decay", "ln_x")
+    fresh = ("gate", "time_maa", "time_decay", "ln_x") + RWKV7_FRESH
     assert not unexpected and all(any(f in m for f in fresh) for m in missing), (missing, unexpected)
     return student
 
@@ -509,3 +530,151 @@ def save_model(model: QRWKV, out_dir: str, tokenizer_dir: str | None = None, max
         os.replace(out_dir, out_dir.rstrip("/") + ".old")
     os.replace(tmp, out_dir)
     shutil.rmtree(out_dir.rstrip("/") + ".old", ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- RWKV-7 student (rwkv7qwen2)
+# The RAD-RWKV7 time-mix of the final released rwkv7qwen2 code (SPEC §9; tensors, config fields and math from
+# notes/rwkv7qwen2.md §2-6).  Per layer, x = input_layernorm(h), no token shift, no bonus:
+#   r, k, v = q/k/v_proj(x);  log w = -e^{-1/2} σ(w0 + tanh(x w1) w2) ∈ (-0.6065, 0);  iclr = σ(a0 + x a1 a2)
+#   g = σ(x g1) g2 (gate_rank_type 2) or σ(gate(x)) (1);  RoPE on r, k (use_rope), then k, v repeated to H heads
+#   balance_state:  κ̂ = k/‖k‖,  k̃ = k ⊙ (1 - w + iclr);  else  κ̂ = normalize(k ⊙ k_k),  k̃ = k ⊙ (1 + (iclr - 1) k_a)
+#   value residual: layer 0 keeps v_first = v;  layer ℓ > 0:  v ← v + (v_first - v) ⊙ σ(v0 + x v1 v2)
+#   y = wkv7(r, k̃, v, log w, a = -κ̂, b = κ̂ ⊙ iclr);  y ← GroupNorm_H(y) (groupnorm_att) or y·N^{-1/2};  o_proj(y ⊙ g)
+# Tensors stored but unused, kept for the released layout: r_k (the bonus is commented out in the released
+# code), k_k and k_a when balance_state, v0/v1/v2 in layer 0.  D = H·N sizes w0, a0, v0, k_k, k_a, w2, a2,
+# v2, g2 (the released HF file assumes D = hidden_size, true for every Qwen2.5).
+
+# config.json field -> (exponent, multiplier) of the released default rank 32·max(1, round(C^e·m / 32))
+RWKV7_RANKS = {"lora_rank_decay": (0.5, 1.8), "lora_rank_iclr": (0.5, 1.8),
+               "lora_rank_value_residual_mix": (0.5, 1.3), "lora_rank_gate": (0.8, 0.6)}
+RWKV7_FRESH = tuple(f"self_attn.{n}" for n in ("w0", "w1", "w2", "a0", "a1", "a2", "v0", "v1", "v2", "g1", "g2",
+                                                "k_k", "k_a", "r_k"))
+
+
+def rwkv7_lora_rank(C: int, field: str) -> int:
+    e, m = RWKV7_RANKS[field]
+    return 32 * max(1, round(C ** e * m / 32))
+
+
+def ortho_(p: torch.Tensor, scale: float) -> torch.Tensor:
+    """The released init: orthogonal with gain scale·√(rows/cols) when rows > cols, else scale."""
+    rows, cols = p.shape
+    return nn.init.orthogonal_(p, gain=scale * (math.sqrt(rows / cols) if rows > cols else 1.0))
+
+
+class TimeMix7(QKVO):
+    """RAD-RWKV7 time-mix (see the section comment); state = (kv,) with kv (B, H, N, N) fp32 [key, value].
+    Layer 0's values reach later layers through `self.shared`, one dict per model (share_value_residual)."""
+    def __init__(self, cfg: Config, layer_id: int):
+        super().__init__(cfg)
+        C, D, L = cfg.hidden_size, self.H * self.N, cfg.num_hidden_layers
+        self.layer_id, self.shared = layer_id, {}
+        self.use_rope, self.balance_state, self.gate_rank_type = cfg.use_rope, cfg.balance_state, cfg.gate_rank_type
+        Rw, Ra, Rv, Rg = cfg.lora_rank_decay, cfg.lora_rank_iclr, cfg.lora_rank_value_residual_mix, cfg.lora_rank_gate
+        # w0 = d_n + 0.5, d_n = -7 + 5 (n/(D-1))^(0.85 + (ℓ/(L-1))^0.5) (the 0.5 offsets the softplus of older code)
+        ratio = torch.arange(D, dtype=torch.float32) / max(D - 1, 1)
+        self.w0 = nn.Parameter((-6.5 + 5 * ratio ** (0.85 + (layer_id / max(L - 1, 1)) ** 0.5)).view(1, 1, D))
+        self.w1, self.w2 = nn.Parameter(torch.zeros(C, Rw)), nn.Parameter(ortho_(torch.empty(Rw, D), 0.1))
+        self.a0, self.a1 = nn.Parameter(torch.zeros(1, 1, D)), nn.Parameter(torch.zeros(C, Ra))
+        self.a2 = nn.Parameter(ortho_(torch.empty(Ra, D), 0.1))
+        # layer 0 stores v0/v1/v2 but never uses them (the released code leaves them uninitialised there)
+        self.v0, self.v1 = nn.Parameter(torch.ones(1, 1, D)), nn.Parameter(torch.zeros(C, Rv))
+        self.v2 = nn.Parameter(ortho_(torch.empty(Rv, D), 0.1))
+        if cfg.gate_rank_type == 2:  # g1 = 0: the gate starts as the constant 0.5 · column sums of g2
+            self.g1, self.g2 = nn.Parameter(torch.zeros(C, Rg)), nn.Parameter(ortho_(torch.empty(Rg, D), 0.1))
+        else:
+            self.gate = nn.Linear(C, D, bias=False)
+            nn.init.zeros_(self.gate.weight)
+        self.k_k, self.k_a = nn.Parameter(torch.full((1, 1, D), 0.85)), nn.Parameter(torch.ones(1, 1, D))
+        self.r_k = nn.Parameter(torch.zeros(self.H, self.N))
+        if cfg.groupnorm_att:
+            self.ln_x = nn.GroupNorm(self.H, D, eps=self.N * 1e-5)
+
+    def value_residual(self, x, v):
+        """Layer 0: remember v (B, T, H, N) as v_first.  Later layers: v + (v_first - v) ⊙ σ(v0 + x v1 v2)."""
+        if self.layer_id == 0:
+            self.shared["v_first"] = v
+            return v
+        v_first = self.shared.get("v_first")
+        if v_first is None or v_first.shape != v.shape:
+            raise RuntimeError(f"rwkv7 layer {self.layer_id}: layer 0 must run first in the same forward (value residual)")
+        nu = torch.sigmoid(self.v0 + (x @ self.v1) @ self.v2).view_as(v)
+        return v + (v_first - v) * nu
+
+    def forward(self, x, cos, sin, state=None):
+        B, T, C = x.shape
+        H, N, G = self.H, self.N, self.H // self.Hk
+        r, k, v = self.project(x, x, x)
+        log_w = (-math.exp(-0.5) * torch.sigmoid((self.w0 + torch.tanh(x @ self.w1) @ self.w2).float())).view(B, T, H, N)
+        iclr = torch.sigmoid(self.a0 + (x @ self.a1) @ self.a2).view(B, T, H, N)
+        g = torch.sigmoid(x @ self.g1) @ self.g2 if self.gate_rank_type == 2 else torch.sigmoid(self.gate(x))
+        if self.use_rope:  # before the GQA repeat, where the teacher applies it
+            r, k = apply_rope(r, cos, sin), apply_rope(k, cos, sin)
+        if G > 1:  # query head h reads KV head h // G
+            k, v = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)
+        v = self.value_residual(x, v)
+        if self.balance_state:  # 1 - w = -expm1(log w): no cancellation for slow channels
+            kk = F.normalize(k, dim=-1)
+            k = k * (-torch.expm1(log_w) + iclr).to(k.dtype)
+        else:
+            kk = F.normalize(k * self.k_k.view(H, N), dim=-1)
+            k = k * (1 + (iclr - 1) * self.k_a.view(H, N))
+        y, kv = wkv7(r, k, v, log_w, -kk, kk * iclr, state=None if state is None else state[0])
+        y = y.flatten(2)
+        if hasattr(self, "ln_x"):  # per-head GroupNorm, in fp32 like the released code
+            ln = self.ln_x
+            y = F.group_norm(y.reshape(B * T, -1).float(), H, ln.weight.float(), ln.bias.float(), ln.eps).view(B, T, -1).to(x.dtype)
+        else:
+            y = y * N ** -0.5
+        return self.o_proj(y * g), (kv,)
+
+
+def share_value_residual(layers):
+    """One dict for all TimeMix7 of a model: layer 0 writes v_first into it, later layers read it."""
+    shared = {}
+    for block in layers:
+        if isinstance(block.self_attn, TimeMix7):
+            block.self_attn.shared = shared
+
+
+def _rwkv7_checked(L: int, n: int, gate_rank_type, where: str):
+    if not 0 <= n < L:
+        raise ValueError(f"{where}: num_attention_layers {n} must be in [0, {L}): rwkv7qwen2 keeps attention only in the "
+                         f"last layers and layer 0 must be RWKV (it provides the value residual)")
+    if gate_rank_type not in (1, 2):
+        raise ValueError(f"{where}: gate_rank_type {gate_rank_type!r} is not supported; rwkv7qwen2 has 1 (full gate) or 2 (low-rank gate)")
+
+
+def rwkv7_config(cfg: Config, d: dict) -> Config:
+    """Config of an rwkv7qwen2 config.json: the last num_attention_layers layers are attention; ranks null/0 mean
+    the released formula; use_tokenshift is stored only (this design has no token shift)."""
+    L, n, gt = cfg.num_hidden_layers, d.get("num_attention_layers") or 0, d.get("gate_rank_type", 2)
+    _rwkv7_checked(L, n, gt, "config.json")
+    ranks = {f: d.get(f) or rwkv7_lora_rank(cfg.hidden_size, f) for f in RWKV7_RANKS}
+    return replace(cfg, student="rwkv7", attention_layers=tuple(range(L - n, L)), gate_rank_type=gt,
+                   use_tokenshift=bool(d.get("use_tokenshift", False)), **ranks)
+
+
+def rwkv7_config_dict(cfg: Config) -> dict:
+    """config.json of an rwkv7qwen2 model: the rwkv6qwen2 dict with the RWKV-6-only fields swapped for RWKV-7 ones."""
+    d = replace(cfg, student="rwkv6").to_dict()
+    for k in ("lora_rank_tokenshift", "attention_layers"):
+        d.pop(k)
+    d.update(model_type="rwkv7qwen2", architectures=["RWKV7Qwen2ForCausalLM"], gate_rank_type=cfg.gate_rank_type,
+             use_tokenshift=False, num_attention_layers=len(cfg.attention_layers),
+             **{f: getattr(cfg, f) for f in RWKV7_RANKS})
+    return d
+
+
+def rwkv7_student_options(teacher_cfg: Config, attention_layers, **options) -> dict:
+    """Config fields of an rwkv7 student: the released training recipe's variant (configs/qwerky7.yaml: RoPE,
+    standard keys, GroupNorm, low-rank gate) and the released ranks, unless given in `options`."""
+    L, n = teacher_cfg.num_hidden_layers, len(attention_layers)
+    if sorted(attention_layers) != list(range(L - n, L)):
+        raise ValueError(f"attention_layers {tuple(attention_layers)}: an rwkv7qwen2 model keeps attention only in "
+                         f"the last layers (num_attention_layers); use e.g. {tuple(range(L - max(n, 1), L))}")
+    opts = dict(student="rwkv7", use_rope=True, balance_state=False, groupnorm_att=True, gate_rank_type=2,
+                use_tokenshift=False, **{f: rwkv7_lora_rank(teacher_cfg.hidden_size, f) for f in RWKV7_RANKS})
+    opts.update(options)
+    _rwkv7_checked(L, n, opts["gate_rank_type"], "rwkv7 student")
+    return opts

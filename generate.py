@@ -8,58 +8,35 @@ per-token cost and memory do not grow with the context in time-mix layers (a tea
     python generate.py --prompt @prompt.txt --max_new_tokens 400                 # prompt read from a file
     python generate.py --no_chat --prompt "Once upon a time" --temperature 0     # raw completion, greedy
     python generate.py --prompt "Hi" --system "You are a pirate." --num_samples 3 --seed 7 --top_p 0.9
+    python generate.py --chat                                                    # multi-turn chat from stdin
 
-The prompt is wrapped in the model family's chat template (Qwen2.5, Qwen2, Qwen3, SmolLM2/ChatML, Llama 3;
-see render_chat) unless --no_chat; --system overrides the default system prompt (--system "" drops it).
-Sampling defaults come from the model's generation_config.json when it has them, else DEFAULTS; CLI flags
-override both. Generation stops at max_new_tokens or at any EOS id (generation_config.json, config.json,
-tokenizer_config.json's eos_token, the template's end-of-turn token); the EOS is not printed.
-Text goes to stdout as it is produced; the timing line (prefill and decode tokens/s, state bytes) goes to stderr.
+The prompt is wrapped in the model directory's own chat template (chat_template.jinja or tokenizer_config.json's
+chat_template, rendered in a sandbox as transformers' apply_chat_template does) unless --no_chat or the directory
+has none. --chat reads one user turn per line (/reset starts over, end of input ends) and prefills only each
+turn's new tokens onto the state carried from the last turn. Sampling defaults come from generation_config.json,
+else DEFAULTS; flags override both. Generation stops at max_new_tokens or at any EOS id (generation_config.json,
+config.json, tokenizer_config.json's eos_token), which is not printed. Text goes to stdout as it is produced;
+the settings and timing lines (prefill and decode tokens/s, state bytes) go to stderr.
 
-Library use:  chat_family(dir), render_chat(family, msg, system), apply_repetition_penalty(...),
-filter_logits(...), sample_next(...), generate_tokens(...), StreamDecoder.   Tests: test_generate.py.
+Library use: read_chat_template(dir), render_chat(template, messages, **tokens), prefill(...), generate_tokens(...),
+chat(...), StreamDecoder, load(dir) -- these raise GenerateError; only main() prints it and exits.
+Tests: test_generate.py.
 """
 import argparse
 import json
 import os
 import sys
 import time
+from datetime import datetime
 
 import torch
 
 DEFAULT_MODEL = "out/smollm2-135m-qrwkv"
 DEFAULTS = dict(temperature=0.8, top_k=50, top_p=1.0, repetition_penalty=1.0)
 
-# ----------------------------------------------------------------------------- chat templates (no Jinja)
 
-SYSTEM_PROMPTS = {
-    "qwen2.5": "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-    "qwen2": "You are a helpful assistant.",
-    "qwen3": None,            # no system turn by default
-    "smollm2": "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
-    "chatml": None,           # an unrecognised <|im_start|> template
-    "llama3": None,
-}
-FAMILIES = tuple(SYSTEM_PROMPTS) + ("raw",)
-END_OF_TURN = {"llama3": "<|eot_id|>", "raw": None}   # every other family: ChatML's <|im_end|>
-
-
-def render_chat(family: str, user_msg: str, system: str | None = None) -> str:
-    """The prompt string of one user turn plus the assistant header, as the family's chat template renders it
-    with add_generation_prompt=True. system=None: the family's default system prompt; "" drops the system turn.
-    family "raw" returns user_msg unchanged."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown chat family {family!r}; one of {', '.join(FAMILIES)}")
-    if family == "raw":
-        return user_msg
-    system = SYSTEM_PROMPTS[family] if system is None else system
-    if family == "llama3":
-        s = "<|begin_of_text|>"
-        if system:
-            s += f"<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
-        return s + f"<|start_header_id|>user<|end_header_id|>\n\n{user_msg}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-    s = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
-    return s + f"<|im_start|>user\n{user_msg}<|im_end|>\n<|im_start|>assistant\n"
+class GenerateError(Exception):
+    """Bad input (model directory, tokenizer, prompt, chat template): main() prints `generate.py: error: ...`."""
 
 
 def _read_json(path):
@@ -70,43 +47,78 @@ def _read_json(path):
         return {}
 
 
-def chat_family(model_dir: str) -> str:
-    """Which chat template a model directory uses: 'qwen2.5', 'qwen2', 'qwen3', 'smollm2', 'llama3', 'chatml'
-    (ChatML tokens but no known family) or 'raw' (no chat tokens). Decided from the tokenizer's special tokens,
-    the chat_template text (tokenizer_config.json or chat_template.jinja), config.json's model type and name."""
-    tc = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
-    cfg = _read_json(os.path.join(model_dir, "config.json"))
-    template = tc.get("chat_template") or ""
-    if isinstance(template, list):  # [{"name": "default", "template": "..."}, ...]
-        template = " ".join(t.get("template", "") for t in template if isinstance(t, dict))
-    jinja = os.path.join(model_dir, "chat_template.jinja")
-    if os.path.isfile(jinja):
-        with open(jinja, errors="replace") as f:
-            template += f.read()
-    tokens = set(str(t.get("content", "")) for t in tc.get("added_tokens_decoder", {}).values() if isinstance(t, dict))
-    tok = _read_json(os.path.join(model_dir, "tokenizer.json"))
-    tokens |= set(str(t.get("content", "")) for t in tok.get("added_tokens", []) if isinstance(t, dict))
-    vocab = (tok.get("model") or {}).get("vocab") or {}
-    has = lambda t: t in tokens or t in template or (isinstance(vocab, dict) and t in vocab)
-    names = " ".join(str(x) for x in (cfg.get("_name_or_path"), tc.get("name_or_path"), tc.get("_name_or_path")) if x).lower()
-    family = cfg.get("teacher_model_type") if cfg.get("model_type") == "rwkv6qwen2" else cfg.get("model_type")
+# ----------------------------------------------------------------------------- chat template (the model's own)
 
-    if has("<|start_header_id|>"):
-        return "llama3"
-    if not has("<|im_start|>"):
-        return "raw"
-    if SYSTEM_PROMPTS["qwen2.5"] in template:
-        return "qwen2.5"
-    if "SmolLM" in template:
-        return "smollm2"
-    if family == "qwen3" or "enable_thinking" in template or "<think>" in template:
-        return "qwen3"
-    if SYSTEM_PROMPTS["qwen2"] in template:
-        return "qwen2"
-    for hint, fam in (("smollm", "smollm2"), ("qwen3", "qwen3"), ("qwen2.5", "qwen2.5"), ("qwen", "qwen2")):
-        if hint in names:
-            return fam
-    return "chatml"
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def read_chat_template(model_dir: str) -> str | None:
+    """The directory's chat template: chat_template.jinja (it takes priority, as in transformers), else
+    tokenizer_config.json's chat_template (a string, or a list of named templates of which "default" is used)."""
+    path = os.path.join(model_dir, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    template = _read_json(os.path.join(model_dir, "tokenizer_config.json")).get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": "..."}, {"name": "tool_use", ...}]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def special_tokens(model_dir: str) -> dict:
+    """{"bos_token": "<|im_start|>", ...}: the named special tokens a template sees (transformers passes its
+    tokenizer's special_tokens_map), from tokenizer_config.json, else special_tokens_map.json."""
+    out = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        cfg = _read_json(os.path.join(model_dir, name))
+        for key in SPECIAL_TOKEN_NAMES:
+            value = cfg.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str) and key not in out:
+                out[key] = value
+    return out
+
+
+def _jinja_env():
+    """The sandbox transformers renders chat templates in: trim_blocks/lstrip_blocks, loop controls, its tojson
+    (no HTML escaping), raise_exception and strftime_now, and {% generation %} blocks rendered as plain text."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):  # transformers tracks assistant spans here; we only need the text
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env
+
+
+def render_chat(template: str, messages: list, add_generation_prompt: bool = True, **variables) -> str:
+    """The text of `messages` ([{"role": ..., "content": ...}, ...]) as the chat template renders it, with the
+    assistant header appended when add_generation_prompt. `variables` are what transformers passes beside the
+    messages: the special tokens (bos_token, eos_token, ...) and template options (enable_thinking=False, ...).
+    A template that fails (raise_exception, a syntax error, a bad operation) raises GenerateError."""
+    try:
+        return _jinja_env().from_string(template).render(messages=messages, tools=None, documents=None,
+                                                          add_generation_prompt=add_generation_prompt, **variables)
+    except Exception as e:  # noqa: BLE001 -- any failure inside a template is the template's
+        raise GenerateError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -154,35 +166,37 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None = No
 
 # ----------------------------------------------------------------------------- generation
 
-def prefill(model, ids: torch.Tensor, state=None, chunk_size: int = 0):
-    """Run the prompt ids (1, T) through the model (chunk_size > 0: in chunks of that many tokens, bounding memory);
-    returns the last position's logits (V,) and the state. Only the last position goes through the LM head."""
+def prefill(model, ids: torch.Tensor, state=None, chunk_size: int = 0, stats: dict | None = None):
+    """Run the prompt ids (1, T) through the model from `state` (chunk_size > 0: in chunks of that many tokens,
+    bounding memory); returns the last position's logits (V,) and the state. Only the last position goes through
+    the LM head. `stats` (a dict) receives prompt_tokens and prefill_s: the one place prefill is timed."""
+    t0 = time.perf_counter()
     chunks = ids.split(chunk_size, dim=1) if chunk_size and chunk_size > 0 else (ids,)
-    for chunk in chunks:
-        h, state = model(chunk, state=state, return_hidden=True)
-    return model.lm_head(h[0, -1]), state
+    with torch.inference_mode():
+        for chunk in chunks:
+            h, state = model(chunk, state=state, return_hidden=True)
+        logits = model.lm_head(h[0, -1])
+    if stats is not None:
+        stats.update(prompt_tokens=ids.shape[1], prefill_s=time.perf_counter() - t0)
+    return logits, state
 
 
 @torch.inference_mode()
 def generate_tokens(model, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_k=None, top_p=None,
                     repetition_penalty: float = 1.0, eos_ids=(), generator=None, stats: dict | None = None,
                     prefilled=None):
-    """Yield new token ids one at a time: the prompt is prefilled in one forward, then each token is fed back
-    with the state. Stops after max_new_tokens or at a token in eos_ids (not yielded). `prefilled` = (logits,
-    state) of an earlier prefill of the same prompt (reused across samples). `stats` (a dict) receives
-    prompt_tokens, prefill_s, new_tokens, decode_steps, decode_s, state_bytes."""
+    """Yield new token ids one at a time: the prompt is prefilled in one forward (unless `prefilled` = (logits,
+    state) of it is given, e.g. reused across samples or carried over chat turns), then each token is fed back with
+    the state. Stops after max_new_tokens or at a token in eos_ids (not yielded, not fed). prompt_ids are also the
+    repetition penalty's history. `stats` (a dict) receives new_tokens, decode_steps, decode_s, state_bytes
+    (and prefill's prompt_tokens, prefill_s) and `state`, the state after the last token fed."""
     device = next(model.parameters()).device
     prompt_ids = [int(t) for t in prompt_ids]
     eos = set(int(e) for e in eos_ids)
     stats = {} if stats is None else stats
-    stats.update(prompt_tokens=len(prompt_ids), prefill_s=0.0, new_tokens=0, decode_steps=0, decode_s=0.0)
-    if prefilled is None:
-        t0 = time.perf_counter()
-        logits, state = prefill(model, torch.tensor([prompt_ids], device=device))
-        stats["prefill_s"] = time.perf_counter() - t0
-    else:
-        logits, state = prefilled
-    stats["state_bytes"] = state.nbytes()
+    stats.update(new_tokens=0, decode_steps=0, decode_s=0.0)
+    logits, state = prefilled or prefill(model, torch.tensor([prompt_ids], device=device), stats=stats)
+    stats.update(state=state, state_bytes=state.nbytes())
     seen = list(prompt_ids)
     for i in range(max_new_tokens):
         tok = sample_next(apply_repetition_penalty(logits, seen, repetition_penalty), temperature, top_k, top_p, generator)
@@ -198,7 +212,7 @@ def generate_tokens(model, prompt_ids, max_new_tokens: int, temperature: float =
         logits = out[0, -1]
         stats["decode_s"] += time.perf_counter() - t0
         stats["decode_steps"] += 1
-        stats["state_bytes"] = state.nbytes()
+        stats.update(state=state, state_bytes=state.nbytes())
 
 
 class StreamDecoder:
@@ -224,26 +238,84 @@ class StreamDecoder:
         return new
 
 
+
+def stream_sample(model, tok, prompt_ids, out, stats: dict, **kwargs) -> list:
+    """generate_tokens(model, prompt_ids, stats=stats, **kwargs), its text written to `out` as it is produced
+    (StreamDecoder), then a newline; returns the new token ids."""
+    stream, ids = StreamDecoder(tok), []
+    for t in generate_tokens(model, prompt_ids, stats=stats, **kwargs):
+        ids.append(t)
+        out.write(stream.push(t))
+        out.flush()
+    out.write(stream.flush() + "\n")
+    out.flush()
+    return ids
+
+
+def _rate(n, seconds):
+    return f"{n / seconds:.1f} tokens/s" if n and seconds > 0 else "n/a tokens/s"
+
+
+def chat(model, tok, template: str, lines, out=sys.stdout, err=sys.stderr, system: str | None = None,
+         variables: dict | None = None, show_prompt: bool = False, **gen_kwargs) -> list:
+    """Multi-turn chat: each line of `lines` is a user turn ("/reset" starts over, blank lines are skipped). The
+    conversation is rendered whole with the chat template every turn, but only the tokens past what the state has
+    already seen are prefilled onto it -- a time-mix state costs the same per turn however long the conversation
+    (a teacher's KV cache grows). When the history re-tokenizes differently from what was fed (a reply that is not
+    in canonical tokenization, a template that rewrites old turns) the turn starts over from an empty state, so the
+    state always equals that of prefilling the rendered conversation at once. Prints the reply as it is produced
+    and one cost line per turn to `err`. gen_kwargs go to generate_tokens. Returns [(user text, reply ids)]."""
+    device = next(model.parameters()).device
+    variables = variables or {}
+    messages, fed, state, turns = [], [], None, []
+    for line in lines:
+        text = line.rstrip("\r\n")
+        if text.strip() == "/reset":
+            messages, fed, state = [], [], None
+            print("[reset: new conversation]", file=err, flush=True)
+            continue
+        if text.strip():
+            messages.append({"role": "user", "content": text})
+            head = [{"role": "system", "content": system}] if system is not None else []
+            ids = tok.encode(render_chat(template, head + messages, **variables), add_special_tokens=False).ids
+            if ids[:len(fed)] != fed:
+                print(f"[the history re-tokenizes differently from what was fed: prefilling all {len(ids)} tokens again]",
+                      file=err, flush=True)
+                fed, state = [], None
+            if len(ids) == len(fed):
+                raise GenerateError("the chat template rendered no new tokens for this turn")
+            stats = {}
+            prefilled = prefill(model, torch.tensor([ids[len(fed):]], device=device), state=state, stats=stats)
+            reply = stream_sample(model, tok, ids, out, stats, prefilled=prefilled, **gen_kwargs)
+            state, fed = stats["state"], ids + reply[:stats["decode_steps"]]    # the last token may not be fed yet
+            messages.append({"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)})
+            turns.append((text, reply))
+            print(f"[turn {len(messages) // 2}: prefill {stats['prompt_tokens']} new tokens: "
+                  f"{_rate(stats['prompt_tokens'], stats['prefill_s'])} | decode {stats['new_tokens']} tokens: "
+                  f"{_rate(stats['decode_steps'], stats['decode_s'])} | state {stats['state_bytes']} bytes "
+                  f"at {len(fed)} tokens]", file=err, flush=True)
+        if show_prompt:
+            err.write("> ")
+            err.flush()
+    return turns
+
+
 # ----------------------------------------------------------------------------- loading
-
-def _fail(msg):
-    raise SystemExit(f"generate.py: {' '.join(str(msg).split())}")
-
 
 def load_tokenizer(model_dir: str, vocab_size: int):
     """tokenizers.Tokenizer from model_dir/tokenizer.json, checked against the model's vocab_size."""
     from tokenizers import Tokenizer
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(path):
-        _fail(f"{model_dir}: no tokenizer.json; copy the teacher's tokenizer files into the model directory")
+        raise GenerateError(f"{model_dir}: no tokenizer.json; copy the teacher's tokenizer files into the model directory")
     try:
         tok = Tokenizer.from_file(path)
     except Exception as e:  # noqa: BLE001 -- any parse error is a bad file
-        _fail(f"{path}: cannot read the tokenizer ({e})")
+        raise GenerateError(f"{path}: cannot read the tokenizer ({e})") from None
     n = tok.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
-        _fail(f"{model_dir}: tokenizer.json has {n} tokens but the model's vocab_size is {vocab_size}; "
-              f"the tokenizer does not belong to this model")
+        raise GenerateError(f"{model_dir}: tokenizer.json has {n} tokens but the model's vocab_size is {vocab_size}; "
+                            f"the tokenizer does not belong to this model")
     return tok
 
 
@@ -253,18 +325,14 @@ def _ids(value):
     return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
 
 
-def eos_token_ids(model_dir: str, tokenizer, family: str | None = None) -> list:
-    """Every id that ends generation: generation_config.json and config.json eos_token_id (int or list),
-    tokenizer_config.json's eos_token, and the chat family's end-of-turn token."""
+def eos_token_ids(model_dir: str, tokenizer) -> list:
+    """Every id that ends generation: generation_config.json and config.json eos_token_id (int or list) and
+    tokenizer_config.json's eos_token (for chat models the end-of-turn token, e.g. <|im_end|>, <|eot_id|>)."""
     ids = _ids(_read_json(os.path.join(model_dir, "generation_config.json")).get("eos_token_id"))
     ids += _ids(_read_json(os.path.join(model_dir, "config.json")).get("eos_token_id"))
-    eos = _read_json(os.path.join(model_dir, "tokenizer_config.json")).get("eos_token")
-    if isinstance(eos, dict):
-        eos = eos.get("content")
-    names = [eos] if isinstance(eos, str) else []
-    if family and family != "raw":
-        names.append(END_OF_TURN.get(family, "<|im_end|>"))
-    ids += [i for i in (tokenizer.token_to_id(n) for n in names) if i is not None]
+    eos = special_tokens(model_dir).get("eos_token")
+    if eos is not None and tokenizer.token_to_id(eos) is not None:
+        ids.append(tokenizer.token_to_id(eos))
     return sorted(set(ids))
 
 
@@ -289,9 +357,9 @@ def read_prompt(prompt: str) -> str:
             with open(path, encoding="utf-8") as f:
                 prompt = f.read()
         except (OSError, UnicodeDecodeError) as e:
-            _fail(f"--prompt @{path}: cannot read the prompt file ({e})")
+            raise GenerateError(f"--prompt @{path}: cannot read the prompt file ({e})") from None
     if not prompt.strip():
-        _fail("empty prompt; pass --prompt TEXT or --prompt @FILE")
+        raise GenerateError("empty prompt; pass --prompt TEXT or --prompt @FILE")
     return prompt
 
 
@@ -300,47 +368,68 @@ def load(model_dir: str, dtype=None, device="cpu"):
     import qrwkv
     if not os.path.isdir(model_dir):
         if os.path.normpath(model_dir) == os.path.normpath(DEFAULT_MODEL):
-            _fail(f"{model_dir} not found; run `python convert.py` first to create the demo conversion, or pass --model DIR")
-        _fail(f"--model {model_dir}: no such directory")
+            raise GenerateError(f"{model_dir} not found; run `python convert.py` first to create the demo conversion, "
+                                f"or pass --model DIR")
+        raise GenerateError(f"--model {model_dir}: no such directory")
     try:
         model = qrwkv.load_model(model_dir, dtype=dtype, device=device)
     except Exception as e:  # noqa: BLE001 -- config/safetensors/shape errors all mean an unreadable model
-        _fail(f"--model {model_dir}: cannot load the model ({type(e).__name__}: {e})")
+        raise GenerateError(f"--model {model_dir}: cannot load the model ({type(e).__name__}: {e})") from None
     return model, load_tokenizer(model_dir, model.config.vocab_size)
 
 
 # ----------------------------------------------------------------------------- CLI
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=argparse.RawDescriptionHelpFormatter)
+def template_variable(text: str):
+    """--template_var KEY=VALUE: VALUE as JSON when it parses (false, 3, "x"), else the plain string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"converted, hybrid or teacher directory (default {DEFAULT_MODEL})")
     p.add_argument("--prompt", default="What is the capital of France?", help="prompt text, or @PATH to read it from a file")
+    p.add_argument("--chat", action="store_true", help="multi-turn chat: one user turn per stdin line, /reset, EOF ends")
     p.add_argument("--no_chat", action="store_true", help="raw completion: do not wrap the prompt in the chat template")
-    p.add_argument("--system", default=None, help='system prompt (default: the family\'s; "" for none)')
-    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample")
+    p.add_argument("--system", default=None, help="system message (default: none, so the template's own default applies)")
+    p.add_argument("--template_var", type=template_variable, action="append", default=[],
+                   help="KEY=VALUE passed to the chat template, e.g. enable_thinking=false (repeatable)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample (per turn with --chat)")
     p.add_argument("--num_samples", type=int, default=1, help="independent samples of the same prompt")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: generation_config.json, else %s)" % DEFAULTS["temperature"])
     p.add_argument("--top_k", type=int, default=None, help="0 = off (default: generation_config.json, else %s)" % DEFAULTS["top_k"])
     p.add_argument("--top_p", type=float, default=None, help="1 = off (default: generation_config.json, else %s)" % DEFAULTS["top_p"])
     p.add_argument("--repetition_penalty", type=float, default=None, help="1 = off (default: generation_config.json, else 1.0)")
     p.add_argument("--seed", type=int, default=1337, help="random seed (same seed, same text)")
-    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: the checkpoint's")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights and activations; auto: bf16 where the device computes it natively, else fp32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:1, ...")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    prompt = read_prompt(args.prompt)
-    if args.max_new_tokens < 0 or args.num_samples < 1:
-        _fail("--max_new_tokens must be >= 0 and --num_samples >= 1")
+
+def run(args):
     import qrwkv
-    model, tok = load(args.model, qrwkv.DTYPES[args.dtype] if args.dtype else None, args.device)
-    family = "raw" if args.no_chat else chat_family(args.model)
-    if args.no_chat:
-        ids = tok.encode(prompt, add_special_tokens=True).ids       # e.g. Llama 3's BOS via its post-processor
+    prompt = None if args.chat else read_prompt(args.prompt)
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        raise GenerateError("--max_new_tokens must be >= 0 and --num_samples >= 1")
+    if args.dtype == "auto":
+        dtype, why = qrwkv.auto_dtype(args.device)
     else:
-        ids = tok.encode(render_chat(family, prompt, args.system), add_special_tokens=False).ids  # BOS is in the text
-    if not ids:
-        _fail("the prompt encodes to no tokens")
-    eos = eos_token_ids(args.model, tok, family)
+        dtype, why = qrwkv.DTYPES[args.dtype], "--dtype"
+    model, tok = load(args.model, dtype, args.device)
+    template = None if args.no_chat else read_chat_template(args.model)
+    variables = {**special_tokens(args.model), **dict(args.template_var)}
+    if args.chat and template is None:
+        raise GenerateError(f"--chat needs a chat template; {args.model} has none (no chat_template.jinja, "
+                            f"no chat_template in tokenizer_config.json)")
+    eos = eos_token_ids(args.model, tok)
     opts = sampling_defaults(args.model)
     opts.update({k: getattr(args, k) for k in opts if getattr(args, k) is not None})
 
@@ -348,29 +437,43 @@ def main(argv=None):
     n_attn = len(cfg.attention_layers)
     kind = "teacher" if not cfg.is_converted else ("hybrid" if n_attn else "converted")
     print(f"[{kind} {cfg.model_type}: {cfg.num_hidden_layers - n_attn} time-mix + {n_attn} attention layers; "
-          f"chat template {family}; temperature {opts['temperature']}, top_k {opts['top_k']}, top_p {opts['top_p']}, "
-          f"repetition_penalty {opts['repetition_penalty']}; eos ids {eos}]", file=sys.stderr)
-
+          f"dtype {str(dtype).removeprefix('torch.')} ({why}); "
+          f"chat template {'none' if template is None else 'of ' + args.model}; temperature {opts['temperature']}, "
+          f"top_k {opts['top_k']}, top_p {opts['top_p']}, repetition_penalty {opts['repetition_penalty']}; "
+          f"eos ids {eos}]", file=sys.stderr)
+    if template is None and not args.no_chat:
+        print(f"[{args.model} has no chat template: the prompt is completed as plain text]", file=sys.stderr)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        prefilled = prefill(model, torch.tensor([ids], device=args.device))
-        prefill_s = time.perf_counter() - t0
+    kw = dict(max_new_tokens=args.max_new_tokens, eos_ids=eos, generator=gen, **opts)
+    if args.chat:
+        chat(model, tok, template, sys.stdin, system=args.system, variables=variables, show_prompt=sys.stdin.isatty(), **kw)
+        return
+    if template is None:
+        ids = tok.encode(prompt, add_special_tokens=True).ids       # e.g. Llama 3's BOS via its post-processor
+    else:
+        head = [{"role": "system", "content": args.system}] if args.system is not None else []
+        text = render_chat(template, head + [{"role": "user", "content": prompt}], **variables)
+        ids = tok.encode(text, add_special_tokens=False).ids       # the template writes BOS where it wants one
+    if not ids:
+        raise GenerateError("the prompt encodes to no tokens")
+    pstats = {}
+    prefilled = prefill(model, torch.tensor([ids], device=args.device), stats=pstats)
     for n in range(args.num_samples):
         stats = {}
-        stream = StreamDecoder(tok)
-        for t in generate_tokens(model, ids, args.max_new_tokens, eos_ids=eos, generator=gen, stats=stats,
-                                 prefilled=prefilled, **opts):
-            sys.stdout.write(stream.push(t))
-            sys.stdout.flush()
-        sys.stdout.write(stream.flush() + "\n")
+        stream_sample(model, tok, ids, sys.stdout, stats, prefilled=prefilled, **kw)
         if args.num_samples > 1:
-            sys.stdout.write("---------------\n")
-        sys.stdout.flush()
-        steps, dec_s = stats["decode_steps"], stats["decode_s"]
-        print(f"[prefill {len(ids)} tokens: {len(ids) / max(prefill_s, 1e-9):.1f} tokens/s | decode {stats['new_tokens']} tokens: "
-              + (f"{steps / dec_s:.1f} tokens/s" if steps else "n/a tokens/s")
-              + f" | state {stats['state_bytes']} bytes at {len(ids) + stats['new_tokens']} tokens]", file=sys.stderr)
+            print("---------------", flush=True)
+        print(f"[prefill {len(ids)} tokens: {_rate(len(ids), pstats['prefill_s'])} | decode {stats['new_tokens']} tokens: "
+              f"{_rate(stats['decode_steps'], stats['decode_s'])} | state {stats['state_bytes']} bytes at "
+              f"{len(ids) + stats['new_tokens']} tokens]", file=sys.stderr)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        run(args)
+    except GenerateError as e:
+        raise SystemExit(f"generate.py: error: {' '.join(str(e).split())}") from None
 
 
 if __name__ == "__main__":

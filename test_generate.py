@@ -4,12 +4,14 @@ hybrid) with a tiny byte-level BPE tokenizer built here: greedy decoding against
 seeds, top-k/top-p, repetition penalty, chat templates (SPEC §2 literals), streaming of multi-byte text, EOS
 lists, the CLI end to end and its one-line errors.  Run: `python -m pytest -q test_generate.py`.
 """
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 import torch
@@ -126,8 +128,8 @@ def test_stop_on_any_eos_id(dirs):
     eos = [v for v in (250, 251, 252) if v not in free[:cut]] + [stop]
     out = list(G.generate_tokens(model, prompt, 20, temperature=0.0, eos_ids=eos))
     assert out == free[:cut] and stop not in out
-    # the EOS ids of a directory: generation_config list + config.json + eos_token + the template's end of turn
-    ids = G.eos_token_ids(dirs["converted"], tok, "smollm2")
+    # the EOS ids of a directory: generation_config list + config.json + tokenizer_config.json's eos_token
+    ids = G.eos_token_ids(dirs["converted"], tok)
     assert set(ids) == {0, tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")}
 
 
@@ -174,57 +176,175 @@ def test_repetition_penalty():
 
 # ----------------------------------------------------------------------------- chat templates
 
-MSG = "Hello"
-SPEC_TEMPLATES = {  # SPEC §2, with {msg} = MSG
-    "qwen2.5": "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n",
-    "qwen2": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n",
-    "qwen3": "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n",
-    "smollm2": "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n",
-    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+TEMPLATES = os.path.join(HERE, "testdata", "chat_templates")
+FAMILIES = {  # family: (template text, the special tokens its tokenizer_config.json names)
+    "smollm2": (SMOL_TEMPLATE, {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                                "unk_token": "<|endoftext|>"}),
+    "qwen2.5": ("qwen2.5.jinja", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
+    "qwen3": ("qwen3.jinja", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}),
+    "llama3": ("llama3.2.jinja", {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
 }
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Name a <b>colour</b> & 🙂"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"},
+     {"role": "user", "content": "and 3+3?"}],
+]
 
 
-@pytest.mark.parametrize("family", sorted(SPEC_TEMPLATES))
-def test_render_chat_spec_strings(family):
-    assert G.render_chat(family, MSG) == SPEC_TEMPLATES[family]
+def template_dir(root, family, jinja_file=False):
+    """A tokenizer directory with the family's template (in tokenizer_config.json, or chat_template.jinja)."""
+    template, tokens = FAMILIES[family]
+    if template.endswith(".jinja"):
+        with open(os.path.join(TEMPLATES, template), encoding="utf-8") as f:
+            template = f.read()
+    d = os.path.join(root, family + ("-jinja" if jinja_file else ""))
+    os.makedirs(d, exist_ok=True)
+    make_tokenizer(d)
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", **tokens}
+    if jinja_file:
+        with open(os.path.join(d, "chat_template.jinja"), "w", encoding="utf-8") as f:
+            f.write(template)
+        cfg["chat_template"] = "{{ raise_exception('the .jinja file takes priority') }}"
+    else:
+        cfg["chat_template"] = template
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump(cfg, f)
+    return d
 
 
-def test_render_chat_system_override():
-    assert G.render_chat("qwen2.5", MSG, system="Be brief.") == \
-        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n"
-    assert G.render_chat("smollm2", MSG, system="") == SPEC_TEMPLATES["qwen3"]
-    assert G.render_chat("llama3", MSG, system="Be brief.") == (
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
-        "<|start_header_id|>user<|end_header_id|>\n\nHello<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert G.render_chat("raw", MSG) == MSG
-    with pytest.raises(ValueError):
-        G.render_chat("gpt2", MSG)
+def render_both(d, messages, **kw):
+    """(ours, transformers') rendering of messages with add_generation_prompt=True."""
+    import transformers
+    ref = transformers.AutoTokenizer.from_pretrained(d).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **kw)
+    ours = G.render_chat(G.read_chat_template(d), messages, **G.special_tokens(d), **kw)
+    return ours, ref
 
 
-@pytest.mark.parametrize("family,files", [
-    ("qwen2.5", dict(tokenizer_config={"chat_template": "{%- if messages[0]['role'] == 'system' %}...{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"})),
-    ("qwen2", dict(tokenizer_config={"chat_template": "{% if loop.first %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"})),
-    ("qwen3", dict(tokenizer_config={"chat_template": "{%- if enable_thinking is defined %}<|im_start|>assistant\\n<think>"})),
-    ("qwen3", dict(tokenizer_config={"chat_template": "<|im_start|>"}, config={"model_type": "rwkv6qwen2", "teacher_model_type": "qwen3"})),
-    ("smollm2", dict(tokenizer_config={"chat_template": SMOL_TEMPLATE})),
-    ("smollm2", dict(tokenizer_config={"added_tokens_decoder": {"1": {"content": "<|im_start|>"}}}, config={"_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"})),
-    ("chatml", dict(tokenizer_config={"chat_template": "{{ '<|im_start|>' + message['role'] }}"})),
-    ("llama3", dict(tokenizer_config={"added_tokens_decoder": {"128006": {"content": "<|start_header_id|>"}}})),
-    ("llama3", dict(jinja="{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}")),
-    ("raw", dict(tokenizer_config={})),
-])
-def test_chat_family(tmp_path, family, files):
-    for name in ("tokenizer_config", "config"):
-        if name in files:
-            (tmp_path / f"{name}.json").write_text(json.dumps(files[name]))
-    if "jinja" in files:
-        (tmp_path / "chat_template.jinja").write_text(files["jinja"])
-    assert G.chat_family(str(tmp_path)) == family
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("jinja_file", [False, True], ids=["tokenizer_config", "chat_template.jinja"])
+def test_render_chat_equals_transformers(tmp_path, family, jinja_file):
+    d = template_dir(str(tmp_path), family, jinja_file)
+    for messages in CONVERSATIONS:
+        ours, ref = render_both(d, messages)
+        if ours != ref:  # Llama 3.2 writes today's date (strftime_now): a render across midnight differs once
+            ours, ref = render_both(d, messages)
+        assert ours == ref, (family, messages)
+    if family == "llama3":
+        assert f"Today Date: {datetime.now():%d %b %Y}" in ours        # strftime_now ran
+    for thinking in (False, True):  # Qwen3's switch; other templates ignore the variable
+        ours, ref = render_both(d, CONVERSATIONS[2], enable_thinking=thinking)
+        assert ours == ref, (family, thinking)
+        if family == "qwen3":
+            assert ours.endswith("<|im_start|>assistant\n" + ("" if thinking else "<think>\n\n</think>\n\n"))
 
 
-def test_chat_family_of_test_models(dirs):
-    assert G.chat_family(dirs["converted"]) == "smollm2"
-    assert G.chat_family(dirs["teacher"]) == "smollm2"
+def test_render_chat_sandbox_helpers(tmp_path):
+    """tojson without HTML escaping and with its options, raise_exception, {% generation %} blocks, loop controls."""
+    template = ("{% for m in messages %}{% if m.role == 'system' %}{% continue %}{% endif %}{{ m | tojson(indent=1) }}"
+                "{% generation %}[{{ m.content }}]{% endgeneration %}{% endfor %}"
+                "{% if not add_generation_prompt %}{{ raise_exception('needs a generation prompt') }}{% endif %}")
+    messages = [{"role": "system", "content": "x"}, {"role": "user", "content": "<é & \"q\">"}]
+    d = str(tmp_path)
+    make_tokenizer(d)
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template}, f)
+    ours, ref = render_both(d, messages)
+    assert ours == ref and '"<é & \\"q\\">"' in ours and "\n " in ours
+    with pytest.raises(G.GenerateError, match="^the chat template failed: TemplateError: needs a generation prompt$"):
+        G.render_chat(template, messages, add_generation_prompt=False)
+    with pytest.raises(G.GenerateError, match="TemplateSyntaxError"):
+        G.render_chat("{% for m in messages %}", messages)
+
+
+def test_read_chat_template_sources(tmp_path):
+    assert G.read_chat_template(str(tmp_path)) is None                                    # no files
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
+         "eos_token": {"content": "<|im_end|>", "special": True}}))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "X", "bos_token": "<s>"}))
+    assert G.read_chat_template(str(tmp_path)) == "D"                                     # the named default
+    assert G.special_tokens(str(tmp_path)) == {"eos_token": "<|im_end|>", "bos_token": "<s>"}
+    (tmp_path / "chat_template.jinja").write_text("J")
+    assert G.read_chat_template(str(tmp_path)) == "J"                                     # the file wins
+
+
+@pytest.mark.teacher
+def test_template_of_the_demo_teacher():
+    import prepare
+    d = str(prepare.prepare(os.path.join(HERE, "data"), quiet=True)[0])
+    assert "SmolLM" in G.read_chat_template(d)
+    for messages in CONVERSATIONS:
+        ours, ref = render_both(d, messages)
+        assert ours == ref
+
+
+# ----------------------------------------------------------------------------- chat mode
+
+SCRIPT = "hello there\nthe cat sat\n\nwhat now?\n"     # 3 turns and a blank line
+
+
+def letters_only(model, tok):
+    """The same model with an LM head that only ever picks a-z or space (the other rows zeroed, these scaled up),
+    so every reply re-tokenizes to the ids generated (with a merge-free tokenizer) and chat can stay incremental."""
+    allowed = [tok.token_to_id(c) for c in "abcdefghijklmnopqrstuvwxyzĠ"]
+    head = torch.zeros_like(model.lm_head.weight)
+    head[allowed] = model.lm_head.weight[allowed] * 10
+    model.lm_head = torch.nn.Linear(head.shape[1], head.shape[0], bias=False)
+    model.lm_head.weight.data.copy_(head)
+    return model
+
+
+def run_chat(model, tok, eos, script=SCRIPT):
+    err = io.StringIO()
+    turns = G.chat(model, tok, SMOL_TEMPLATE, io.StringIO(script), out=io.StringIO(), err=err, max_new_tokens=12,
+                   eos_ids=eos, temperature=0.0)
+    return turns, err.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["converted", "teacher"])
+@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "re-prefill"])
+def test_chat_equals_prefilling_the_whole_conversation(dirs, tmp_path, kind, incremental):
+    d = tmp_path / kind
+    shutil.copytree(dirs[kind], d)
+    tok = make_tokenizer(str(d), merges=())          # bytes only: letters re-tokenize to themselves
+    model = qrwkv.load_model(str(d), dtype=torch.float32)
+    if incremental:
+        model = letters_only(model, tok)
+    eos = G.eos_token_ids(str(d), tok)
+    turns, log = run_chat(model, tok, eos)
+    assert [t[0] for t in turns] == ["hello there", "the cat sat", "what now?"]
+    messages, fed, states = [], 0, []
+    for i, (user, reply) in enumerate(turns):
+        messages.append({"role": "user", "content": user})
+        ids = tok.encode(G.render_chat(SMOL_TEMPLATE, messages), add_special_tokens=False).ids
+        assert list(G.generate_tokens(model, ids, 12, temperature=0.0, eos_ids=eos)) == reply, i
+        m = re.search(rf"\[turn {i + 1}: prefill (\d+) new tokens: .* \| state (\d+) bytes at (\d+) tokens\]", log)
+        prefilled, state_bytes, seen = int(m[1]), int(m[2]), int(m[3])
+        # incremental: only this turn's new tokens went in; else the history was refed from scratch
+        assert prefilled == (len(ids) - fed if incremental and i else len(ids)), (i, prefilled, len(ids), fed)
+        assert seen == len(ids) + len(reply) - (len(reply) == 12)       # the 12th token is fed with the next turn
+        fed = seen
+        states.append(state_bytes)
+        messages.append({"role": "assistant", "content": tok.decode(reply)})
+    assert ("re-tokenizes differently" in log) == (not incremental), log
+    assert all(len(r) > 3 for _, r in turns) if incremental else True
+    # a time-mix state has one size whatever the conversation's length; a KV cache grows with it
+    assert (states[0] == states[1] == states[2]) == (kind == "converted"), states
+
+
+def test_cli_chat_reset_and_eof(dirs):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--model", dirs["converted"], "--chat",
+                        "--max_new_tokens", "6", "--temperature", "0", "--system", "Be brief."],
+                       input="hi\nthe cat\n/reset\nhi\n", capture_output=True, text=True, cwd=HERE, timeout=120)
+    assert r.returncode == 0, r.stderr
+    replies = r.stdout.split("\n")
+    assert len(replies) == 4 and replies[0] == replies[2], replies          # after /reset: the first turn again
+    costs = re.findall(r"\[turn (\d): prefill (\d+) new tokens", r.stderr)
+    assert [c[0] for c in costs] == ["1", "2", "1"] and costs[0][1] == costs[2][1], r.stderr
+    assert "[reset: new conversation]" in r.stderr and "Traceback" not in r.stderr
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -253,16 +373,18 @@ def test_stream_skips_special_tokens(tmp_path):
 
 def test_cli_end_to_end(dirs):
     model, tok = load(dirs["converted"])
-    ids = tok.encode(G.render_chat("smollm2", "héllo"), add_special_tokens=False).ids
+    text = G.render_chat(SMOL_TEMPLATE, [{"role": "user", "content": "héllo"}])
     with torch.inference_mode():
-        _, state = model(torch.tensor([ids]))
+        _, state = model(torch.tensor([tok.encode(text, add_special_tokens=False).ids]))
     r = subprocess.run([sys.executable, os.path.join(HERE, "generate.py"), "--model", dirs["converted"], "--prompt", "héllo",
                         "--max_new_tokens", "8", "--num_samples", "2", "--temperature", "0.7"],
                        capture_output=True, text=True, cwd=HERE, timeout=120)
     assert r.returncode == 0, r.stderr
     assert re.search(r"prefill \d+ tokens: [\d.]+ tokens/s \| decode \d+ tokens: ([\d.]+|n/a) tokens/s", r.stderr), r.stderr
     assert f"state {state.nbytes()} bytes" in r.stderr, r.stderr   # constant: the prefill state's size
-    assert "chat template smollm2" in r.stderr and r.stdout.count("---------------") == 2
+    assert f"chat template of {dirs['converted']}" in r.stderr and r.stdout.count("---------------") == 2
+    want = "float32 (CPU without native bf16" if not qrwkv.cpu_has_native_bf16() else "bfloat16 (CPU with native bf16"
+    assert f"dtype {want}" in r.stderr, r.stderr                   # --dtype auto says what it chose and why
 
 
 def test_cli_prompt_file_and_no_chat(dirs, tmp_path, capsys):
@@ -271,14 +393,21 @@ def test_cli_prompt_file_and_no_chat(dirs, tmp_path, capsys):
     G.main(["--model", dirs["hybrid"], "--prompt", f"@{p}", "--no_chat", "--max_new_tokens", "3", "--temperature", "0"])
     err = capsys.readouterr().err
     n = len(G.load_tokenizer(dirs["hybrid"], 10**6).encode("the cat").ids)
-    assert "chat template raw" in err and f"prefill {n} tokens" in err, err
+    assert "chat template none" in err and f"prefill {n} tokens" in err and "no chat template" not in err, err
+    notemplate = tmp_path / "notemplate"
+    shutil.copytree(dirs["hybrid"], notemplate)
+    os.remove(notemplate / "tokenizer_config.json")
+    G.main(["--model", str(notemplate), "--prompt", "the cat", "--max_new_tokens", "3", "--dtype", "float32"])
+    err = capsys.readouterr().err
+    assert f"[{notemplate} has no chat template: the prompt is completed as plain text]" in err
+    assert f"prefill {n} tokens" in err and "dtype float32 (--dtype)" in err, err
 
 
 def one_line_error(argv, match):
     with pytest.raises(SystemExit) as e:
         G.main(argv)
     msg = str(e.value.code)
-    assert "\n" not in msg and re.search(match, msg), msg
+    assert "\n" not in msg and msg.startswith("generate.py: error: ") and re.search(match, msg), msg
 
 
 def test_cli_errors(dirs, tmp_path, monkeypatch):
@@ -297,5 +426,15 @@ def test_cli_errors(dirs, tmp_path, monkeypatch):
     one_line_error(["--model", str(notok), "--prompt", "hi"], "no tokenizer.json")
     small = make_teacher(str(tmp_path / "small"), vocab_size=200)   # tokenizer has 262 tokens
     one_line_error(["--model", small, "--prompt", "hi"], "262 tokens but the model's vocab_size is 200")
+    raises = tmp_path / "raises"
+    shutil.copytree(conv, raises)
+    (raises / "chat_template.jinja").write_text("{{ raise_exception('only system and user roles, ' + messages[0].role) }}")
+    one_line_error(["--model", str(raises), "--prompt", "hi"], "^generate.py: error: the chat template failed: "
+                   "TemplateError: only system and user roles, user$")
+    one_line_error(["--model", str(notok.parent / "nope2"), "--chat"], "no such directory")
+    notemplate = tmp_path / "notemplate"
+    shutil.copytree(conv, notemplate)
+    os.remove(notemplate / "tokenizer_config.json")
+    one_line_error(["--model", str(notemplate), "--chat"], "--chat needs a chat template")
     monkeypatch.chdir(tmp_path)                                     # the default model is missing
     one_line_error(["--prompt", "hi"], "convert.py")

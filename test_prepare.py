@@ -83,6 +83,9 @@ def test_prepare_layout_and_rerun(demo, capsys):
     assert gen["bos_token_id"] == 1 and gen["eos_token_id"] == 2
     docs = json.loads(text.read_text(encoding="utf-8"))
     assert len(docs) > 9000 and all(isinstance(v["extract"], str) for v in docs.values())
+    plays = [json.loads(line)["text"] for line in open(DATA / P.SECOND_REL, encoding="utf-8")]   # the second domain
+    assert [p.split("\n")[0] for p in plays] == ["THE TEMPEST", "MACBETH", "TWELFTH NIGHT; OR, WHAT YOU WILL",
+                                                  "THE TRAGEDY OF KING LEAR"] and min(map(len, plays)) > 90_000
     # a second run is a no-op that says so in one line
     assert P.prepare(DATA) == demo
     out = capsys.readouterr().out

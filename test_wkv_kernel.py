@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import wkv_kernel
 from wkv_kernel import wkv6
 
 BACKENDS = ["sequential", "chunked"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -83,10 +84,11 @@ def test_numpy_oracle(backend, form):
             np.testing.assert_allclose(S[b, h].numpy(), Sn, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("raw", [(-4.0, 1.6), (-6.0, -2.0)])  # the second: weak decays, chunks as asked
 @pytest.mark.parametrize("L", [2, 5, 16, 32, 64])
 @pytest.mark.parametrize("form", FORMS)
-def test_chunk_size_invariance(form, L):
-    r, k, v, log_w, u, S0 = make(131, seed=2)
+def test_chunk_size_invariance(form, L, raw):
+    r, k, v, log_w, u, S0 = make(131, raw=raw, seed=2)
     u = u if form == "classic" else None
     y_ref, S_ref = oracle(r, k, v, log_w, u, S0)
     y, S = wkv6(r, k, v, log_w, u, S0, backend="chunked", chunk_size=L)  # fp64: exact
@@ -171,6 +173,54 @@ def test_extreme_decays(backend, form, raw):
         y, S = wkv6(*xs, u, S0.float(), backend=backend)
         (y.square().mean() + S.square().mean()).backward()
         assert all(torch.isfinite(x.grad).all() for x in xs)
+
+
+def test_chunk_len_keeps_factors_in_range():
+    """The chunk is used as asked while L · max(-log_w) <= 80 (fp32), else shortened to fit; under 2 tokens
+    the sequential loop runs.  QRWKV6's clamp log_w >= -5 always gets the default 16."""
+    lw = lambda strongest: torch.tensor([-0.1, -strongest])
+    assert wkv_kernel._wkv6_chunk_len(lw(5.0), 16, torch.float32) == 16
+    assert wkv_kernel._wkv6_chunk_len(lw(0.5), 64, torch.float32) == 64
+    assert wkv_kernel._wkv6_chunk_len(lw(12.0), 16, torch.float32) == 6
+    assert wkv_kernel._wkv6_chunk_len(lw(403.0), 16, torch.float32) == 0
+    assert wkv_kernel._wkv6_chunk_len(lw(12.0), 64, torch.float64) == 50
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_strong_decays_shortened_chunks(form):
+    """log_w in [-12, -4.5]: chunks of 6 instead of 16; exact against the oracle, gradients included."""
+    r, k, v, log_w, u, S0 = make(100, raw=(1.5, 2.5), seed=12)
+    u = u if form == "classic" else None
+    y_ref, S_ref = oracle(r, k, v, log_w, u, S0)
+    y, S = run("chunked", r, k, v, log_w, u, S0)
+    close(y, y_ref)
+    close(S, S_ref)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_overflowing_masked_products(form):
+    """log_w = -5 everywhere: chunk span exactly 80, factors e^{±40}; with |r|, |k| ~ 100 the products above
+    the diagonal of q κᵀ overflow: (q κᵀ)_ij = (r_i · k_j) e^{c_i - c_j} = (r_i · k_j) e^{5 (j - i)} for j > i,
+    beyond fp32's 3.4e38.  tril discards them: y, S and every gradient finite and equal to the fp64 oracle's."""
+    r, k, v, _, u, S0 = make(64, seed=13)
+    r, k, log_w = 2000 * r, 2000 * k, torch.full_like(r, -5.0)
+    u = u if form == "classic" else None
+    i = torch.arange(16)
+    above = (r[0, :16, 0] @ k[0, :16, 0].T) * torch.exp(5.0 * (i[None] - i[:, None])) * (i[None] > i[:, None])
+    assert above.abs().max() > 3.4e38  # the premise: the first chunk's masked products overflow in fp32
+    y_ref, S_ref = oracle(r, k, v, log_w, u, S0)
+    xs = [x.float().requires_grad_() for x in (r, k, v, log_w)]
+    y, S = wkv6(*xs, u if u is None else u.float(), S0.float(), backend="chunked")
+    close(y / y_ref.abs().max(), y_ref / y_ref.abs().max())
+    close(S / S_ref.abs().max(), S_ref / S_ref.abs().max())
+    gy, gS = torch.randn_like(y), torch.randn_like(S)
+    ((y * gy).sum() + (S * gS).sum()).backward()
+    xs64 = [x.detach().double().requires_grad_() for x in xs]
+    y64, S64 = wkv6(*xs64, u, S0, backend="sequential")
+    ((y64 * gy.double()).sum() + (S64 * gS.double()).sum()).backward()
+    for x, x64 in zip(xs, xs64):
+        assert torch.isfinite(x.grad).all()
+        close(x.grad / x64.grad.abs().max(), x64.grad / x64.grad.abs().max(), 1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -88,33 +88,86 @@ def _wkv6_sequential(r, k, v, log_w, u, S):
 _WKV6_SPAN = {torch.float32: 80.0, torch.float64: 600.0}  # factors within e^{±40} (fp32), e^{±300} (fp64)
 
 
-def _chunk_states(kd, v, decay, S):
-    """Initial state of every chunk and the final state: in parallel dS = kdᵀ v per chunk, then
-    sequentially S <- decay ⊙ S + dS (decay (..., N, 1) scales the key rows)."""
-    dS = kd.transpose(-1, -2) @ v  # (B, H, nc, N, N)
-    starts = []
-    for decay_i, dS_i in zip(decay.unbind(2), dS.unbind(2)):  # unbind: backward stacks the gradients once
-        starts.append(S)
-        S = torch.addcmul(dS_i, decay_i, S)
-    return torch.stack(starts, 2), S
+def _factors(lw, classic):
+    """e^{g - m}, e^{m - c}, e^m from log_w (..., L, N); cumulative sums in fp64, factors in lw's dtype."""
+    c = lw.cumsum(-2, dtype=torch.float64)
+    m = c[..., -1:, :] / 2
+    g = c - lw if classic else c  # classic: exclusive cumsum c_{i-1}
+    return (g - m).to(lw.dtype).exp(), (m - c).to(lw.dtype).exp(), m.to(lw.dtype).exp()
+
+
+class _Chunked(torch.autograd.Function):
+    """y, S_final of the chunked form for (nc, B·H, L, N) inputs, S (B·H, N, N), u (B·H, 1, N) or None.
+    The chunk states live in one (nc + 1, B·H, N, N) buffer, advanced in place: states[i + 1] =
+    e^{c_last} ⊙ states[i] + dS_i.  Backward runs the same recurrence backwards on the state gradients,
+    G_i = dL/d states[i] = qeᵀ dy_i + e^{c_last} ⊙ G_{i+1}, then every chunk's gradients at once;
+    the factors are saved from forward, the decay gradient is the chain rule through the exponents:
+    with q = r e^{g-m}, κ = k e^{m-c}:  d(g - m) = dq ⊙ q,  d(m - c) = dκ ⊙ κ,  dlog_w = reverse cumsum of dc."""
+
+    @staticmethod
+    def forward(ctx, r, k, v, lw, u, S):
+        eq, ek, em = _factors(lw, u is not None)
+        q, kappa = r * eq, k * ek
+        A = (q @ kappa.mT).tril_(0 if u is None else -1)
+        states = S.new_empty(r.shape[0] + 1, *S.shape)
+        states[0] = S
+        torch.matmul((kappa * em).mT, v, out=states[1:])  # dS_i = Σ_j (k_j e^{c_last - c_j})ᵀ v_j
+        decay = em.square().mT  # e^{c_last}, (nc, BH, N, 1): scales the key rows
+        for i in range(r.shape[0]):
+            states[i + 1].addcmul_(decay[i], states[i])
+        y = torch.matmul(q * em, states[:-1]).add_(A @ v)
+        if u is not None:  # classic current token: (r_i ⊙ u · k_i) v_i
+            y.addcmul_((r * u * k).sum(-1, keepdim=True), v)
+        ctx.save_for_backward(r, k, v, u, q, kappa, eq, ek, em, A, states)
+        return y, states[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dy, dS_last):
+        r, k, v, u, q, kappa, eq, ek, em, A, states = ctx.saved_tensors
+        dy = dy.contiguous()  # arrives as a permuted view of y's gradient; matmuls would copy it each time
+        S0, decay, qe, kd = states[:-1], em.square().mT, q * em, kappa * em
+        G = torch.empty_like(states)  # G[i] = dL/d states[i]
+        G[-1] = dS_last
+        torch.matmul(qe.mT, dy, out=G[:-1])  # direct use: y_i = qe_i · S0_i + ...
+        for i in reversed(range(r.shape[0])):
+            G[i].addcmul_(decay[i], G[i + 1])
+        Gn = G[1:]  # dL/d dS_i
+        d_qe = dy @ S0.mT
+        dA = (dy @ v.mT).tril_(0 if u is None else -1)
+        dv = torch.matmul(A.mT, dy).add_(kd @ Gn)
+        d_kd = v @ Gn.mT
+        dq = torch.addcmul(dA @ kappa, d_qe, em)
+        dkappa = torch.addcmul(dA.mT @ q, d_kd, em)
+        d_decay = (Gn * S0).sum(-1).unsqueeze(-2)  # (nc, BH, 1, N)
+        d_em = (d_qe * q).sum(-2, keepdim=True) + (d_kd * kappa).sum(-2, keepdim=True) + 2 * em * d_decay
+        dg, dmc = dq * q, dkappa * kappa  # dL/d(g - m), dL/d(m - c)
+        dm = d_em * em - dg.sum(-2, keepdim=True) + dmc.sum(-2, keepdim=True)
+        dc = dg - dmc
+        dc[..., -1:, :] += dm / 2
+        dlw = dc.flip(-2).cumsum(-2).flip(-2)  # c_i = Σ_{j<=i} lw_j
+        dr, dk, du = dq * eq, dkappa * ek, None
+        if u is not None:  # g = c - lw, and the current-token term β v with β = Σ r u k
+            dlw -= dg
+            dbeta = (dy * v).sum(-1, keepdim=True)
+            dv.addcmul_((r * u * k).sum(-1, keepdim=True), dy)
+            dr.addcmul_(dbeta, u * k)
+            dk.addcmul_(dbeta, r * u)
+            du = (dbeta * r * k).sum((0, 2)).unsqueeze(1)
+        return dr, dk, dv, dlw, du, G[0]
 
 
 def _wkv6_chunked(r, k, v, log_w, u, S, L):
-    """Pad T to a multiple of L (log_w = 0, k = 0: the final state stays exact), factorised decays,
-    chunk states in sequence, then every chunk's output at once."""
-    T, dt, pad = r.shape[1], S.dtype, -r.shape[1] % L
-    prep = lambda x: F.pad(x.to(dt).transpose(1, 2), (0, 0, 0, pad)).unflatten(2, (-1, L))
-    r, k, v = map(prep, (r, k, v))  # (B, H, nc, L, N)
-    lw = prep(log_w.double())
-    c = lw.cumsum(-2)
-    m = c[..., -1:, :] / 2
-    g = c if u is None else c - lw  # classic: exclusive cumsum c_{i-1}
-    q, kappa, em = r * (g - m).to(dt).exp(), k * (m - c).to(dt).exp(), m.to(dt).exp()
-    S0, S = _chunk_states(kappa * em, v, em.square().transpose(-1, -2), S)
-    y = (q * em) @ S0 + (q @ kappa.transpose(-1, -2)).tril(0 if u is None else -1) @ v
-    if u is not None:  # classic current token: (r_i ⊙ u · k_i) v_i
-        y = y + (r * u.to(dt)[:, None, None, :] * k).sum(-1, keepdim=True) * v
-    return y.flatten(2, 3)[:, :, :T].transpose(1, 2), S
+    """Pad T to a multiple of L (log_w = 0, k = 0: the final state stays exact), lay the chunks out as
+    (nc, B·H, L, N), run _Chunked, and put y back to (B, T, H, N)."""
+    (B, T, H, N), dt, pad = r.shape, S.dtype, -r.shape[1] % L
+    def prep(x):  # one copy: (B, T, H, N) -> (nc, B·H, L, N), contiguous for the batched matmuls
+        x = F.pad(x.to(dt), (0, 0, 0, 0, 0, pad)) if pad else x.to(dt)
+        return x.unflatten(1, (-1, L)).permute(1, 0, 3, 2, 4).reshape(-1, B * H, L, N).contiguous()
+
+    uu = None if u is None else u.to(dt).repeat(B, 1).unsqueeze(1)  # (B·H, 1, N)
+    y, S = _Chunked.apply(*map(prep, (r, k, v, log_w)), uu, S.reshape(B * H, N, N))
+    y = y.view(-1, B, H, L, N).permute(1, 0, 3, 2, 4).reshape(B, -1, H, N)[:, :T]
+    return y, S.view(B, H, N, N)
 
 
 def _wkv6_chunk_len(log_w, chunk_size, dt):
@@ -331,10 +384,9 @@ def _wkv7_step(r, k, v, w, a, b, S):
 def _wkv7_sequential(r, k, v, log_w, a, b, S):
     """The recurrence token by token in S's dtype (fp64 for the test oracle)."""
     dt = S.dtype
-    r, k, v, a, b, w = (x.to(dt) for x in (r, k, v, a, b, log_w.to(dt).exp()))
     ys = []
-    for t in range(r.shape[1]):
-        y, S = _wkv7_step(r[:, t], k[:, t], v[:, t], w[:, t], a[:, t], b[:, t], S)
+    for x_t in zip(*(x.to(dt).unbind(1) for x in (r, k, v, log_w.to(dt).exp(), a, b))):  # unbind: O(T) backward
+        y, S = _wkv7_step(*x_t, S)
         ys.append(y)
     return torch.stack(ys, 1), S
 
@@ -366,7 +418,8 @@ def _wkv7_chunk_terms(r, k, v, log_w, a, b):
     W, Ut = (_unit_lower_inverse(A_ab) @ torch.cat([a * ep, A_ak @ v], -1)).split(r.shape[-1], -1)
     Q, Y_in = r * e + B_rb @ W, B_rb @ Ut + B_rk @ v
     bd, kd = (b * ed).transpose(-1, -2), (k * ed).transpose(-1, -2)
-    M = torch.diag_embed(e[..., -1, :]) + bd @ W
+    M = bd @ W
+    M.diagonal(dim1=-2, dim2=-1).add_(e[..., -1, :])  # + diag(e^{g_L})
     return Q, Y_in, M, bd @ Ut + kd @ v
 
 
@@ -377,9 +430,10 @@ def _wkv7_chunked(r, k, v, log_w, a, b, S, Lc):
     prep = lambda x: F.pad(x.to(dt).transpose(1, 2), (0, 0, 0, pad)).unflatten(2, (-1, Lc))
     Q, Y_in, M, Delta = _wkv7_chunk_terms(*map(prep, (r, k, v, log_w, a, b)))
     starts = []
-    for M_i, D_i in zip(M.unbind(2), Delta.unbind(2)):  # unbind: backward stacks the gradients once
+    chunk_major = lambda x: x.permute(2, 0, 1, 3, 4).flatten(1, 2).contiguous()  # (nc, B·H, N, N)
+    for M_i, D_i in zip(chunk_major(M).unbind(0), chunk_major(Delta).unbind(0)):  # unbind: one gradient stack
         starts.append(S)
-        S = torch.baddbmm(D_i.flatten(0, 1), M_i.flatten(0, 1), S.flatten(0, 1)).view_as(S)
+        S = torch.baddbmm(D_i, M_i, S.flatten(0, 1)).view_as(S)
     y = Q @ torch.stack(starts, 2) + Y_in
     return y.flatten(2, 3)[:, :, :T].transpose(1, 2), S
 

@@ -4,13 +4,16 @@
     python bench.py --only kernel   # WKV6 operator: chunked vs sequential (and the CUDA kernel on a GPU)
     python bench.py --only convert  # step-1 / step-2 training tokens/s vs the demo teacher's forward
     python bench.py --only decode   # decode latency after 128..16k tokens, converted vs teacher, state bytes
+    python bench.py --only wkv7     # WKV7 operator (RWKV-7 student): chunked vs sequential
 
 Timings are medians of repeated runs after a warm-up, wall clock.  Peak memory on CPU is the growth of
 ru_maxrss in a fresh subprocess over its level once the inputs exist; on a GPU it is
 torch.cuda.max_memory_allocated above the inputs.
 """
 import argparse
+import inspect
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -18,10 +21,11 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 import qrwkv
 from generate import prefill
-from wkv_kernel import wkv6
+from wkv_kernel import wkv6, wkv7
 
 # ---------------------------------------------------------------------------------------------
 # kernel: wkv6 backends, B=1, H=9, N=64
@@ -282,7 +286,87 @@ def bench_decode(model_dir=None, student_dir=None, contexts=(128, 1024, 4096, 16
     return rows
 
 
-SECTIONS = {"kernel": bench_kernel, "convert": bench_convert, "decode": bench_decode}
+# ---------------------------------------------------------------------------------------------
+# wkv7: the RWKV-7 operator of the rwkv7qwen2 student, chunked vs sequential, B=1, H=9, N=64, fp32
+# ---------------------------------------------------------------------------------------------
+
+WKV7_SEQ_PREFIX = 256  # the per-token loop's tokens/s does not depend on T; a short prefix keeps the run short
+
+
+def _wkv7_inputs(T, grad):
+    """Inputs of the released parameterisation: log_w = -e^{-1/2} σ(z), a = -κ̂, b = κ̂ ⊙ iclr."""
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda: torch.randn(KERNEL_SHAPE["B"], T, KERNEL_SHAPE["H"], KERNEL_SHAPE["N"], generator=g)
+    r, k, v = 0.5 * rnd(), 0.5 * rnd(), 0.5 * rnd()
+    log_w = -math.exp(-0.5) * torch.sigmoid(2 * rnd())
+    kk, iclr = F.normalize(rnd(), dim=-1), torch.sigmoid(rnd())
+    return [x.requires_grad_(grad) for x in (r, k, v, log_w, -kk, kk * iclr)]
+
+
+def _wkv7_step(xs, train, **kw):
+    """One forward (no grad), or forward + backward of a loss on y and the final state."""
+    if not train:
+        with torch.no_grad():
+            return wkv7(*xs, **kw)
+    y, S = wkv7(*xs, **kw)
+    (y.square().mean() + S.square().mean()).backward()
+
+
+def _wkv7_tokens_per_s(T, train, repeats, **kw):
+    """Median tokens/s over `repeats` runs after a 64-token warm-up."""
+    xs = _wkv7_inputs(T, train)
+    _wkv7_step([x[:, :64] for x in xs], train, **kw)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _wkv7_step(xs, train, **kw)
+        times.append(time.perf_counter() - t)
+    return T / statistics.median(times)
+
+
+def _wkv7_peak_mib_child(T, train, kw):
+    """In a fresh process: growth of VmHWM (reset via /proc/self/clear_refs) over VmRSS during one step, MiB."""
+    xs = _wkv7_inputs(T, train)
+    _wkv7_step([x[:, :64].detach().requires_grad_(train) for x in xs], train, **kw)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss_kib("VmRSS")
+    _wkv7_step(xs, train, **kw)
+    print((_rss_kib("VmHWM") - base) / 1024)
+
+
+def _wkv7_peak_mib(T, train, kw):
+    code = f"import bench; bench._wkv7_peak_mib_child({T}, {train}, {kw!r})"
+    out = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def bench_wkv7(Ts=(512, 2048, 8192), chunk_sizes=(16, 32, 64), repeats=3):
+    """Tokens/s and peak memory of wkv7, fp32, CPU: the chunked form (default chunk, and other chunk sizes at
+    T = 2048) vs the per-token loop on a WKV7_SEQ_PREFIX-token prefix."""
+    print(f"## wkv7 kernel  (B={KERNEL_SHAPE['B']}, H={KERNEL_SHAPE['H']}, N={KERNEL_SHAPE['N']}, fp32, cpu, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__})\n")
+    print("| T | backend | fwd tok/s | fwd+bwd tok/s | peak MiB fwd | peak MiB fwd+bwd | fwd ×seq | fwd+bwd ×seq |")
+    print("|---|---|---|---|---|---|---|---|")
+    t = WKV7_SEQ_PREFIX
+    seq = [_wkv7_tokens_per_s(t, train, 1, backend="sequential") for train in (False, True)]
+    mem = [_wkv7_peak_mib(t, train, dict(backend="sequential")) for train in (False, True)]
+    print(f"| {t} | sequential | {seq[0]:,.0f} | {seq[1]:,.0f} | {mem[0]:,.1f} | {mem[1]:,.1f} | 1.0 | 1.0 |", flush=True)
+    default = inspect.signature(wkv7).parameters["chunk_size"].default
+    runs = [(T, default) for T in Ts] + [(2048, c) for c in chunk_sizes if c != default and 2048 in Ts]
+    for T, c in runs:
+        kw = dict(chunk_size=c)
+        fwd, both = (_wkv7_tokens_per_s(T, train, repeats, **kw) for train in (False, True))
+        mem = [_wkv7_peak_mib(T, train, kw) for train in (False, True)]
+        print(f"| {T} | chunked ({c}) | {fwd:,.0f} | {both:,.0f} | {mem[0]:,.1f} | {mem[1]:,.1f} | "
+              f"{fwd / seq[0]:.1f} | {both / seq[1]:.1f} |", flush=True)
+    print(f"\nThe sequential row ran on {t} tokens (one timed run after a 64-token warm-up; its tokens/s does not "
+          f"depend on T, its memory grows linearly); chunked rows are the median of {repeats}.  ×seq = tokens/s over "
+          f"the sequential row.  Chunk size in parentheses.\n")
+
+
+SECTIONS = {"kernel": bench_kernel, "convert": bench_convert, "decode": bench_decode, "wkv7": bench_wkv7}
 
 
 def main():

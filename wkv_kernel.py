@@ -346,7 +346,7 @@ def wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=16):
 # (y reads the updated state; no scale, no bonus.)  RAD-RWKV7 passes a = -κ̂, b = κ̂ ⊙ iclr: the state first
 # forgets a fraction iclr of what it stores along the unit key κ̂, then writes k vᵀ.
 #
-#     wkv7(r, k, v, log_w, a, b, state=None, backend=None, chunk_size=16) -> (y, new_state)
+#     wkv7(r, k, v, log_w, a, b, state=None, backend=None, chunk_size=32) -> (y, new_state)
 #
 # Chunked form (notes/rwkv7qwen2.md §9, FLA's chunk_dplr).  Inside a chunk of Lc tokens starting from S0,
 # g_i = Σ_{j<=i} log_w_j restarts at the chunk start (g_{-1} = 0) and u_i = S_{i-1}ᵀ a_i is the row that the
@@ -393,16 +393,23 @@ def _wkv7_sequential(r, k, v, log_w, a, b, S):
 
 def _unit_lower_inverse(A):
     """(I - A)^{-1} for strictly lower-triangular A (..., n, n): block forward substitution that doubles the
-    solved diagonal blocks each round, [[I-P, 0], [-R, I-Q]]^{-1} = [[X, 0], [Y R X, Y]] = D + D R' D with
-    D = diag(X, Y) and R' = the block R alone.  log2(n) rounds of two batched matmuls (a batched LAPACK
-    triangular solve of many 16x16 systems measured 25x slower on CPU)."""
-    n, i = A.shape[-1], torch.arange(A.shape[-1], device=A.device)
-    X = torch.eye(n, dtype=A.dtype, device=A.device).expand_as(A)
+    solved diagonal blocks each round, [[I-P, 0], [-R, I-Q]]^{-1} = [[X, 0], [Y R X, Y]] with X = (I-P)^{-1},
+    Y = (I-Q)^{-1}: ≈ n³ multiply-adds in log2(n) batched rounds (a batched LAPACK triangular solve of many
+    16x16 systems measured 25x slower on CPU).  n is padded to a power of two with zeros (I there)."""
+    n = A.shape[-1]
+    m = 1 << max(n - 1, 0).bit_length()
+    A = F.pad(A, (0, m - n, 0, m - n))
+    X = torch.ones(*A.shape[:-2], m, 1, 1, dtype=A.dtype, device=A.device)  # (..., blocks, s, s), s = 1
     s = 1
-    while s < n:
-        R = A * ((i[:, None] // (2 * s) == i // (2 * s)) & (i[:, None] // s > i // s))
-        X, s = X + X @ R @ X, 2 * s
-    return X
+    while s < m:
+        nb = m // (2 * s)
+        # R_p = A[rows of block 2p+1, columns of block 2p] for each pair p: (..., nb, s, s)
+        R = A.unflatten(-1, (nb, 2, s)).unflatten(-4, (nb, 2, s))[..., :, 1, :, :, 0, :].diagonal(dim1=-4, dim2=-2)
+        R = R.movedim(-1, -3)
+        Xa, Xc = X[..., 0::2, :, :], X[..., 1::2, :, :]
+        X = torch.cat([torch.cat([Xa, torch.zeros_like(Xa)], -1), torch.cat([Xc @ R @ Xa, Xc], -1)], -2)
+        s *= 2
+    return X.squeeze(-3)[..., :n, :n]
 
 
 def _wkv7_chunk_terms(r, k, v, log_w, a, b):
@@ -444,7 +451,7 @@ def _wkv7_chunk_len(log_w, chunk_size, dt):
     return chunk_size if strongest * chunk_size <= _WKV7_SPAN[dt] else int(_WKV7_SPAN[dt] // strongest)
 
 
-def wkv7(r, k, v, log_w, a, b, state=None, backend=None, chunk_size=16):
+def wkv7(r, k, v, log_w, a, b, state=None, backend=None, chunk_size=32):
     """(y, new_state) of the WKV7 recurrence S_t = (diag(w_t) + b_t a_tᵀ) S_{t-1} + k_t v_tᵀ, y_t = S_tᵀ r_t.
 
     Args:

@@ -350,7 +350,7 @@ def bench_wkv7(Ts=(512, 2048, 8192), chunk_sizes=(16, 32, 64), repeats=3):
     print("| T | backend | fwd tok/s | fwd+bwd tok/s | peak MiB fwd | peak MiB fwd+bwd | fwd ×seq | fwd+bwd ×seq |")
     print("|---|---|---|---|---|---|---|---|")
     t = WKV7_SEQ_PREFIX
-    seq = [_wkv7_tokens_per_s(t, train, 1, backend="sequential") for train in (False, True)]
+    seq = [_wkv7_tokens_per_s(t, train, repeats, backend="sequential") for train in (False, True)]
     mem = [_wkv7_peak_mib(t, train, dict(backend="sequential")) for train in (False, True)]
     print(f"| {t} | sequential | {seq[0]:,.0f} | {seq[1]:,.0f} | {mem[0]:,.1f} | {mem[1]:,.1f} | 1.0 | 1.0 |", flush=True)
     default = inspect.signature(wkv7).parameters["chunk_size"].default
@@ -361,9 +361,9 @@ def bench_wkv7(Ts=(512, 2048, 8192), chunk_sizes=(16, 32, 64), repeats=3):
         mem = [_wkv7_peak_mib(T, train, kw) for train in (False, True)]
         print(f"| {T} | chunked ({c}) | {fwd:,.0f} | {both:,.0f} | {mem[0]:,.1f} | {mem[1]:,.1f} | "
               f"{fwd / seq[0]:.1f} | {both / seq[1]:.1f} |", flush=True)
-    print(f"\nThe sequential row ran on {t} tokens (one timed run after a 64-token warm-up; its tokens/s does not "
-          f"depend on T, its memory grows linearly); chunked rows are the median of {repeats}.  ×seq = tokens/s over "
-          f"the sequential row.  Chunk size in parentheses.\n")
+    print(f"\nThe sequential row ran on {t} tokens (its tokens/s does not depend on T, its memory grows linearly). "
+          f"Every row is the median of {repeats} runs after a 64-token warm-up.  ×seq = tokens/s over the sequential "
+          f"row.  Chunk size in parentheses.\n")
 
 
 SECTIONS = {"kernel": bench_kernel, "convert": bench_convert, "decode": bench_decode, "wkv7": bench_wkv7}

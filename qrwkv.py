@@ -275,30 +275,34 @@ class TimeMix(QKVO):
     def forward(self, x, cos, sin, state=None):
         B, T, C = x.shape
         shift, kv = state if state is not None else (None, None)
-        # 1. data-dependent token shift: x_□ = x + δ·(maa_□ + tanh(x̂ W1) W2[□]),  δ = x₋₁ − x,  x̂ = x + δ·maa_x
+        # 1. data-dependent token shift: x_□ = x + δ·(maa_□ + tanh(x̂ W1) W2[□]),  δ = x₋₁ − x,  x̂ = x + δ·maa_x;
+        #    the five mixes as one (5, B·T, C) tensor: maa_□ + m_□ in the batched matmul, then one x + δ·(...) pass
         if self.use_tokenshift:
-            x_prev = torch.cat([shift if shift is not None else torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+            x_prev = (F.pad(x[:, :-1], (0, 0, 1, 0)) if shift is None else shift if T == 1
+                      else torch.cat([shift, x[:, :-1]], dim=1))
             delta = x_prev - x
-            lora = torch.tanh((x + delta * self.time_maa_x) @ self.time_maa_w1).view(B * T, 5, -1).transpose(0, 1)
-            m_r, m_k, m_v, m_w, m_g = torch.bmm(lora, self.time_maa_w2).view(5, B, T, C).unbind(0)
-            x_r, x_k, x_v = x + delta * (self.time_maa_r + m_r), x + delta * (self.time_maa_k + m_k), x + delta * (self.time_maa_v + m_v)
-            x_w, x_g = x + delta * (self.time_maa_w + m_w), x + delta * (self.time_maa_g + m_g)
+            lora = torch.tanh(torch.addcmul(x, delta, self.time_maa_x) @ self.time_maa_w1).view(B * T, 5, -1)
+            maa = torch.cat([self.time_maa_r, self.time_maa_k, self.time_maa_v, self.time_maa_w, self.time_maa_g])
+            mix = torch.baddbmm(maa, lora.transpose(0, 1), self.time_maa_w2)
+            x_r, x_k, x_v, x_w, x_g = torch.addcmul(x.reshape(1, B * T, C), delta.view(1, B * T, C), mix).view(5, B, T, C).unbind(0)
         else:
             x_r = x_k = x_v = x_w = x_g = x
         # 2. projections and output gate
         r, k, v = self.project(x_r, x_k, x_v)
         g = torch.sigmoid(self.gate(x_g))
         # 3. decay: log w = max(-exp(time_decay + tanh(x_w W1) W2), -5), per channel, fp32, never log(w)
-        d = self.time_decay + torch.tanh(x_w @ self.time_decay_w1) @ self.time_decay_w2
-        log_w = (-d.float().exp()).clamp(min=-5.0).view(B, T, self.H, self.N)
-        # 4. optional RoPE, then GQA: repeat k and v to H heads
+        d = torch.addmm(self.time_decay.view(1, -1), torch.tanh(x_w @ self.time_decay_w1).view(B * T, -1), self.time_decay_w2)
+        log_w = d.float().exp().clamp(max=5.0).neg().view(B, T, self.H, self.N)
+        # 4. optional RoPE; GQA: k and v repeated to H heads (k in one pass with the balancing k·(1 − w))
         if self.use_rope:
             r, k = apply_rope(r, cos, sin), apply_rope(k, cos, sin)
-        if self.Hk != self.H:
-            k, v = k.repeat_interleave(self.H // self.Hk, dim=2), v.repeat_interleave(self.H // self.Hk, dim=2)
-        # 5. state balancing: k ← k·(1 − w)
-        if self.balance_state:
-            k = k * (-torch.expm1(log_w)).to(k.dtype)
+        G = self.H // self.Hk
+        if G > 1:
+            v = v.repeat_interleave(G, dim=2)
+        if self.balance_state:  # 5. state balancing: k ← k·(1 − w)
+            k = (k.unsqueeze(3) * torch.expm1(log_w).neg().to(k.dtype).view(B, T, self.Hk, G, self.N)).flatten(2, 3)
+        elif G > 1:
+            k = k.repeat_interleave(G, dim=2)
         # 6. S_t = diag(w_t) S_{t-1} + k_tᵀ v_t;  y_t = N^(-1/2) r_t S_t
         y, kv = wkv6(r * self.N ** -0.5, k, v, log_w, state=kv)
         y = y.flatten(2)
@@ -563,8 +567,10 @@ def ortho_(p: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 class TimeMix7(QKVO):
-    """RAD-RWKV7 time-mix (see the section comment); state = (kv,) with kv (B, H, N, N) fp32 [key, value].
-    Layer 0's values reach later layers through `self.shared`, one dict per model (share_value_residual)."""
+    """RAD-RWKV7 time-mix (see the section comment); state = (kv,) with kv (B, H, N, N) fp32 [key, value], per
+    query head.  Nothing else carries over time: v_first is per token (layer 0's values of the same tokens, which
+    reach later layers through `self.shared`, one dict per model, see share_value_residual) and RoPE's position
+    is State.pos."""
     def __init__(self, cfg: Config, layer_id: int):
         super().__init__(cfg)
         C, D, L = cfg.hidden_size, self.H * self.N, cfg.num_hidden_layers

@@ -1,0 +1,302 @@
+"""
+Teacher-calibrated initialisation of the RWKV-6 time-mix blocks (SPEC §7 lever 1; issue 11, item 1).
+
+A fresh student (qrwkv.student_from_teacher, SPEC §3 init) copies q/k/v/o from the teacher, but its mixer is far
+from the teacher's attention: on SmolLM2-135M the median relative error of a layer's output is ~1.6, worse than
+outputting zero. Before step 1, `calibrate_student` runs the teacher on a few batches, records for every converted
+layer its normalised attention input x, its per-head attention output z (the input of o_proj) and its output y
+(forward hooks), and then fixes each time-mix block in closed form, layer by layer:
+
+  decay      per head, a centre for time_decay (channels keep a spread around it): "distance" from the mean
+             distance of the teacher head's attention, or "search" = the centre on a grid whose least-squares
+             readout fits that head's z best;
+  readout    "channel": per key channel n of head h a weight c_hn, least squares of the student's per-channel
+             contributions onto z_h, folded into q_proj's rows (r_n scales channel n's contribution; this also
+             absorbs the gate's σ(0) = 0.5 start); then, with "channel" or "head", per-head amplitudes α_h by
+             least squares onto y, folded into o_proj's columns; "gate": o_proj × 2 (the 0.5 start undone);
+  refit_o    optionally o_proj re-fitted by ridge regression (towards its current value) onto y.
+
+Everything lands in tensors the rwkv6qwen2 format already has (time_decay, q_proj, o_proj), so the calibrated
+student saves and loads like any other. Calibrate on training text only, never on the held-out split.
+
+    import calibrate, qrwkv
+    student = qrwkv.student_from_teacher(teacher).float()
+    report = calibrate.calibrate_student(student, teacher, batches)     # batches: list of (B, T) LongTensor
+    print(report["rel_err_before"], report["rel_err_after"])            # per converted layer
+
+Tests: python -m pytest -q test_calibrate.py
+"""
+import contextlib
+import math
+import time
+
+import torch
+
+import qrwkv
+
+DECAY_GRID = (-6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0)   # candidate centres of time_decay (log λ, λ = −log w)
+
+
+# ----------------------------------------------------------------------------- recording
+
+@torch.no_grad()
+def capture_attention_io(teacher: qrwkv.QRWKV, batches, layers) -> dict:
+    """Run the teacher on `batches`; for each layer i in `layers` return lists (one entry per batch) of its
+    normalised attention input x, RoPE cos/sin, per-head output z (o_proj's input) and output y, in fp32."""
+    io = {i: dict(x=[], cos=[], sin=[], z=[], y=[]) for i in layers}
+    hooks = []
+
+    def on_attn(i):
+        def hook(module, args, out):   # Attention.forward(x, cos, sin, cache) -> (y, cache)
+            rec = io[i]
+            rec["x"].append(args[0].float()), rec["cos"].append(args[1].float()), rec["sin"].append(args[2].float())
+            rec["y"].append(out[0].float())
+        return hook
+
+    def on_o_proj(i):
+        return lambda module, args: io[i]["z"].append(args[0].float())
+
+    try:
+        for i in layers:
+            attn = teacher.model.layers[i].self_attn
+            hooks.append(attn.register_forward_hook(on_attn(i)))
+            hooks.append(attn.o_proj.register_forward_pre_hook(on_o_proj(i)))
+        for ids in batches:
+            teacher(ids.to(next(teacher.parameters()).device), return_hidden=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return io
+
+
+@contextlib.contextmanager
+def wkv_inputs_recorded(rec: list):
+    """Inside, every qrwkv.wkv6 call appends its (r, k, v, log_w) to `rec`: the time-mix computes them, so the
+    token shift, decay, balancing and N^(-1/2) scale are read from the model, not written a second time here."""
+    real = qrwkv.wkv6
+
+    def spy(r, k, v, log_w, *args, **kw):
+        rec.append((r.float(), k.float(), v.float(), log_w.float()))
+        return real(r, k, v, log_w, *args, **kw)
+
+    qrwkv.wkv6 = spy
+    try:
+        yield rec
+    finally:
+        qrwkv.wkv6 = real
+
+
+@torch.no_grad()
+def student_pieces(tm: qrwkv.TimeMix, x, cos, sin):
+    """One time-mix forward on teacher-forced input: output y_s and the recurrence inputs (r, k, v, log_w,
+    shapes (B, T, H, N)) plus the output gate g (B, T, H, N) that multiplies y before o_proj."""
+    rec, gate = [], []
+    hook = tm.gate.register_forward_hook(lambda m, a, out: gate.append(torch.sigmoid(out.float())))
+    try:
+        with wkv_inputs_recorded(rec):
+            dt = tm.q_proj.weight.dtype
+            y, _ = tm(x.to(dt), cos.to(dt), sin.to(dt), None)
+    finally:
+        hook.remove()
+    r, k, v, log_w = rec[0]
+    return y.float(), r, k, v, log_w, gate[0].view(r.shape)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+@torch.no_grad()
+def channel_features(r, k, v, log_w, g):
+    """Per-key-channel contributions F (B, T, H, N_key, N_value) to the time-mix output before o_proj:
+    S_t = diag(w_t) S_{t-1} + k_tᵀ v_t,  F_t[n, :] = r_t[n] · S_t[n, :] ⊙ g_t,  so  y_t · g_t = Σ_n F_t[n, :]."""
+    B, T, H, N = r.shape
+    S = r.new_zeros(B, H, N, N)
+    F = r.new_empty(B, T, H, N, N)
+    w = log_w.exp()
+    for t in range(T):
+        S = w[:, t, :, :, None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        F[:, t] = r[:, t, :, :, None] * S * g[:, t, :, None, :]
+    return F
+
+
+def channel_normal_equations(pieces_and_targets):
+    """Least squares of z_h ≈ Σ_n c_hn F_hn over all tokens, per head: G = Σ F Fᵀ (H, N, N), b = Σ F z (H, N),
+    zz = Σ ‖z‖² (H,). Input: iterable of ((r, k, v, log_w, g), z) with z (B, T, H·N)."""
+    G = b = zz = 0
+    for (r, k, v, log_w, g), z in pieces_and_targets:
+        F = channel_features(r, k, v, log_w, g)
+        zh = z.view(F.shape[:4])
+        G = G + torch.einsum("bthnv,bthmv->hnm", F, F)
+        b = b + torch.einsum("bthnv,bthv->hn", F, zh)
+        zz = zz + zh.pow(2).sum((0, 1, 3))
+    return G.double(), b.double(), zz.double()
+
+
+def ridge_solve(A, rhs, ridge):
+    """argmin_c ‖·‖² with normal equations A c = rhs, A regularised by ridge × mean(diag A) (batched over heads)."""
+    eye = torch.eye(A.shape[-1], dtype=A.dtype)
+    lam = ridge * A.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-30)[..., None, None]
+    return torch.linalg.solve(A + lam * eye, rhs.unsqueeze(-1)).squeeze(-1)
+
+
+def residuals(G, b, zz, per_channel, ridge):
+    """Per-head residual ‖z − fit‖² of the best per-channel (or single per-head) readout, and its weights."""
+    if per_channel:
+        c = ridge_solve(G, b, ridge)
+    else:   # one scalar per head: c_hn = a_h for every n
+        a = b.sum(-1) / G.sum((-1, -2)).clamp(min=1e-30)
+        c = a[:, None].expand_as(b)
+    fit = 2 * (c * b).sum(-1) - torch.einsum("hn,hnm,hm->h", c, G, c)
+    return zz - fit, c
+
+
+@torch.no_grad()
+def teacher_attention_distance(attn: qrwkv.Attention, x, cos, sin, skip_first=True):
+    """Mean distance t − s of each head's softmax attention, averaged over queries t ≥ 1; with skip_first the
+    first position (an attention sink in most LLMs: weight without content) is left out and P renormalised."""
+    q, k, _ = attn.project(x, x, x)
+    q, k = qrwkv.apply_rope(q, cos, sin).transpose(1, 2), qrwkv.apply_rope(k, cos, sin).transpose(1, 2)
+    k = k.repeat_interleave(attn.H // attn.Hk, dim=1)
+    T = x.shape[1]
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(attn.N)
+    pos = torch.arange(T)
+    dist = (pos[:, None] - pos[None, :]).float()
+    scores = scores.masked_fill(dist < 0, float("-inf"))
+    if skip_first:
+        scores[..., 1:, 0] = float("-inf")
+    P = scores.softmax(-1)
+    return (P * dist.clamp(min=0)).sum(-1)[..., 1:].mean((0, 2))    # (H,)
+
+
+# ----------------------------------------------------------------------------- per-layer calibration
+
+def decay_profile(N, spread):
+    """Within a head, channel n's time_decay is centre + spread·(2n/(N−1) − 1): horizons over a factor e^(2·spread)."""
+    return spread * (2 * torch.arange(N, dtype=torch.float32) / max(N - 1, 1) - 1)
+
+
+def set_decay(tm, centres, spread):
+    with torch.no_grad():
+        d = centres.float()[:, None] + decay_profile(tm.N, spread)[None, :]
+        tm.time_decay.copy_(d.reshape(tm.time_decay.shape))
+
+
+def choose_decay(tm, teacher_attn, rec, mode, spread, per_channel, ridge):
+    """Per-head decay centres: "distance" from the teacher's mean attention distance m (a geometric kernel with
+    mean distance m has w/(1−w) = m, i.e. λ = −log w = log(1 + 1/m)); "search" the grid centre with the lowest
+    least-squares residual on z."""
+    if mode == "distance":
+        m = torch.stack([teacher_attention_distance(teacher_attn, x, c, s) for x, c, s in zip(rec["x"], rec["cos"], rec["sin"])]).mean(0)
+        return torch.log(torch.log1p(1 / m.clamp(min=1e-3)))
+    best = None
+    for centre in DECAY_GRID:
+        set_decay(tm, torch.full((tm.H,), centre), spread)
+        res, _ = residuals(*layer_normal_equations(tm, rec), per_channel, ridge)
+        best = res[None] if best is None else torch.cat([best, res[None]])
+    return torch.tensor(DECAY_GRID)[best.argmin(0)]
+
+
+def layer_normal_equations(tm, rec):
+    pieces = (student_pieces(tm, x, c, s)[1:] for x, c, s in zip(rec["x"], rec["cos"], rec["sin"]))
+    return channel_normal_equations(zip(pieces, rec["z"]))
+
+
+@torch.no_grad()
+def fit_head_amplitudes(tm, rec, ridge):
+    """α_h minimising Σ_t ‖y_t − Σ_h α_h · W_o[:, h] (g·y_s)_h‖² (features (B, T, H, C)), folded into o_proj's columns."""
+    A = rhs = 0
+    for x, c, s, y in zip(rec["x"], rec["cos"], rec["sin"], rec["y"]):
+        _, r, k, v, log_w, g = student_pieces(tm, x, c, s)
+        ys = channel_features(r, k, v, log_w, g).sum(3)                   # (B, T, H, N) = y·g per head
+        W = tm.o_proj.weight.float().view(-1, tm.H, tm.N)                  # (C, H, N)
+        u = torch.einsum("bthv,chv->bthc", ys, W)
+        y0 = y - (tm.o_proj.bias.float() if tm.o_proj.bias is not None else 0)
+        A = A + torch.einsum("bthc,btgc->hg", u, u).double()
+        rhs = rhs + torch.einsum("bthc,btc->h", u, y0).double()
+    alpha = ridge_solve(A, rhs, ridge)
+    tm.o_proj.weight.mul_(alpha.float().repeat_interleave(tm.N)[None, :].to(tm.o_proj.weight.dtype))
+    return alpha
+
+
+@torch.no_grad()
+def refit_o_proj(tm, rec, ridge):
+    """o_proj ← argmin_W Σ_t ‖y_t − W h_t − b‖² + ρ‖W − W_0‖² (h = gated time-mix output), ρ = ridge × mean(diag Σ h hᵀ)."""
+    A = rhs = 0
+    for x, c, s, y in zip(rec["x"], rec["cos"], rec["sin"], rec["y"]):
+        _, r, k, v, log_w, g = student_pieces(tm, x, c, s)
+        h = channel_features(r, k, v, log_w, g).sum(3).flatten(2).flatten(0, 1)     # (B·T, D)
+        y0 = (y - (tm.o_proj.bias.float() if tm.o_proj.bias is not None else 0)).flatten(0, 1)
+        A, rhs = A + (h.T @ h).double(), rhs + (h.T @ y0).double()
+    rho = ridge * A.diagonal().mean()
+    W0 = tm.o_proj.weight.double()
+    W = torch.linalg.solve(A + rho * torch.eye(A.shape[0], dtype=A.dtype), rhs + rho * W0.T).T
+    tm.o_proj.weight.copy_(W.to(tm.o_proj.weight.dtype))
+
+
+@torch.no_grad()
+def relative_error(tm, rec) -> float:
+    """‖y_s − y_t‖ / ‖y_t‖ over all recorded tokens (Frobenius), the student layer fed the teacher's input."""
+    num = den = 0.0
+    for x, c, s, y in zip(rec["x"], rec["cos"], rec["sin"], rec["y"]):
+        ys, *_ = student_pieces(tm, x, c, s)
+        num, den = num + (ys - y).pow(2).sum().item(), den + y.pow(2).sum().item()
+    return math.sqrt(num / max(den, 1e-30))
+
+
+def calibrate_layer(tm, teacher_attn, rec, decay, readout, refit_o, spread, ridge):
+    """Calibrate one time-mix block in place (see the module docstring); returns the chosen decay centres."""
+    per_channel = readout == "channel" and not tm.use_rope and not hasattr(tm, "q_norm")
+    centres = None
+    if decay != "spec":
+        centres = choose_decay(tm, teacher_attn, rec, decay, spread, per_channel, ridge)
+        set_decay(tm, centres, spread)
+    with torch.no_grad():
+        if per_channel:     # r_n scales channel n's contribution: fold c_hn into q_proj's row h·N + n
+            _, c = residuals(*layer_normal_equations(tm, rec), True, ridge)
+            scale = c.float().reshape(-1)
+            tm.q_proj.weight.mul_(scale[:, None].to(tm.q_proj.weight.dtype))
+            if tm.q_proj.bias is not None:
+                tm.q_proj.bias.mul_(scale.to(tm.q_proj.bias.dtype))
+        if readout == "gate":   # σ(0) = 0.5 at init: undo it in o_proj
+            tm.o_proj.weight.mul_(2.0)
+        if readout in ("head", "channel"):
+            fit_head_amplitudes(tm, rec, ridge)
+        if refit_o:
+            refit_o_proj(tm, rec, ridge)
+    return centres
+
+
+def check_fresh(tm: qrwkv.TimeMix, i: int):
+    """The closed forms assume the SPEC §3 init: gate weight zero (g = 0.5), token shift and decay LoRA off."""
+    fresh = (tm.gate.weight, tm.time_maa_w1, tm.time_decay_w1, tm.time_maa_r, tm.time_maa_k, tm.time_maa_v,
+             tm.time_maa_w, tm.time_maa_g)
+    if any(p.detach().abs().max() != 0 for p in fresh):
+        raise ValueError(f"layer {i}: time-mix is not at its SPEC §3 init (gate / token shift / decay LoRA trained); "
+                         f"calibrate a fresh student")
+
+
+def calibrate_student(student: qrwkv.QRWKV, teacher: qrwkv.QRWKV, batches, decay="search", readout="channel",
+                      refit_o=False, spread=1.0, ridge=1e-3) -> dict:
+    """Calibrate every time-mix block of `student` (layers not in student.config.attention_layers) in place on the
+    teacher's attention over `batches` (list of (B, T) LongTensor, training text). Options: decay "spec" |
+    "distance" | "search"; readout "none" | "gate" | "head" | "channel"; refit_o; spread (half-width of a head's
+    time_decay range); ridge (relative regularisation of the least squares). Returns a report dict."""
+    if decay not in ("spec", "distance", "search") or readout not in ("none", "gate", "head", "channel"):
+        raise ValueError(f"calibrate: unknown decay {decay!r} or readout {readout!r}")
+    t0 = time.time()
+    layers = [i for i in range(student.config.num_hidden_layers) if i not in student.config.attention_layers]
+    for i in layers:
+        check_fresh(student.model.layers[i].self_attn, i)
+    io = capture_attention_io(teacher, batches, layers)
+    report = dict(options=dict(decay=decay, readout=readout, refit_o=refit_o, spread=spread, ridge=ridge),
+                  layers=layers, tokens=sum(b.numel() for b in batches), rel_err_before=[], rel_err_after=[], decay_centres={})
+    for i in layers:
+        tm, rec = student.model.layers[i].self_attn, io.pop(i)
+        dev = next(tm.parameters()).device
+        rec = {key: [t.to(dev) for t in val] for key, val in rec.items()}
+        report["rel_err_before"].append(relative_error(tm, rec))
+        centres = calibrate_layer(tm, teacher.model.layers[i].self_attn, rec, decay, readout, refit_o, spread, ridge)
+        report["rel_err_after"].append(relative_error(tm, rec))
+        if centres is not None:
+            report["decay_centres"][i] = [round(c, 3) for c in centres.tolist()]
+    report["seconds"] = time.time() - t0
+    return report

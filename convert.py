@@ -27,14 +27,21 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from safetensors import SafetensorError
+from safetensors.torch import save_file
+from torch.distributed._composable import checkpoint as checkpoint_module
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
@@ -45,8 +52,8 @@ DATA_EXTS = (".txt", ".jsonl", ".json")
 CKPT_FORMAT = 2
 # flags that do not change what is trained (paths, logging, evaluation, stopping, device); every other flag is
 # part of the run identity, so a new flag is covered without touching this list
-FREE_ARGS = ("teacher", "data", "out", "resume", "eval_interval", "eval_tokens", "log_interval", "save_interval",
-             "stop_after", "device", "threads")
+FREE_ARGS = ("teacher", "data", "out", "resume", "eval_interval", "eval_tokens", "eval_text", "log_interval",
+             "save_interval", "stop_after", "device", "threads")
 
 
 def get_args(argv=None):
@@ -58,12 +65,20 @@ def get_args(argv=None):
     g("--out", default=None, help=f"output directory (default: {DEMO_OUT} for the demo, else <teacher>-qrwkv)")
     g("--stage", default="all", choices=["1", "2", "3", "all"], help="which step(s) to run; all = 1, 2 (and 3 if --steps3 > 0)")
     g("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g("--attention_layers", default="", help="comma-separated layer indices kept as softmax attention (hybrid)")
+    g("--attention_layers", default="", help="layers kept as softmax attention (hybrid): comma-separated indices, or auto:K "
+                                             "= the K layers whose conversion alone costs the most KL after calibration")
+    g("--calibrate", type=int, default=4, help="teacher micro-batches for the calibrated time-mix init (calibrate.py); 0 = SPEC §3 init only")
     g("--seed", type=int, default=1337, help="random seed (initialisation and data sampling)")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="compute dtype (bf16 = bf16 teacher + autocast student, fp32 master weights); auto = bf16 on GPUs and on CPUs with native bf16")
     g("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
     g("--threads", type=int, default=0, help="CPU threads per process (0 = available cores // processes on this node)")
+    g("--fsdp", action="store_true", help="shard teacher and student over the processes (FSDP2, fully_shard per block) instead of "
+                                          "a full copy per process (DDP); needed for 7B+ teachers; also with one process")
+    g("--hsdp", type=int, default=0, help="with --fsdp: replicate over this many groups (e.g. nodes) and shard within each "
+                                          "(HSDP, a 2-D mesh); 0 = shard over all processes")
+    g("--activation_checkpointing", action="store_true", help="with --fsdp: recompute each student block in backward "
+                                                              "instead of keeping its activations")
     g = p.add_argument_group("batches (steps 1 and 2)").add_argument
     g("--seq_len", type=int, default=512, help="tokens per sequence in steps 1 and 2 (and evaluation)")
     g("--batch_size", type=int, default=1, help="sequences per micro-batch per process")
@@ -74,10 +89,14 @@ def get_args(argv=None):
     g("--lr1", type=float, default=1e-3, help="step 1 peak learning rate")
     g("--min_lr1", type=float, default=1e-5, help="step 1 final learning rate (cosine)")
     g("--warmup1", type=int, default=10, help="step 1 linear warm-up steps")
+    g("--cache1", type=int, default=0, help="keep the teacher's step-1 targets of this many micro-batches per process in memory "
+                                            "and cycle over them (epochs); 0 = a fresh teacher pass every micro-batch")
     g = p.add_argument_group("step 2: distillation").add_argument
     g("--steps2", type=int, default=30, help="optimizer steps of step 2")
-    g("--lr2", type=float, default=1e-4, help="step 2 peak learning rate (SPEC: 1e-5 at 250M+ tokens)")
-    g("--min_lr2", type=float, default=1e-4, help="step 2 final learning rate (cosine; = lr2 is flat)")
+    g("--lr2", type=float, default=1e-4, help="step 2 peak learning rate of the time-mix blocks (SPEC: 1e-5 at 250M+ tokens)")
+    g("--min_lr2", type=float, default=1e-4, help="step 2 final learning rate of the time-mix blocks (cosine; = lr2 is flat)")
+    g("--lr2_rest", type=float, default=1e-4, help="step 2 peak learning rate of everything else (embeddings, norms, MLPs, "
+                                                   "head), scaled like lr2 over the steps; 0 = frozen")
     g("--warmup2", type=int, default=5, help="step 2 linear warm-up steps")
     g("--kl_chunk", type=int, default=256, help="tokens per chunk when turning hidden states into logits (KL, CE, eval)")
     g = p.add_argument_group("step 3: long-context cross-entropy (optional)").add_argument
@@ -95,6 +114,8 @@ def get_args(argv=None):
     g = p.add_argument_group("logging, evaluation, checkpoints").add_argument
     g("--eval_interval", type=int, default=0, help="evaluate every this many steps (0 = only at the end of each stage)")
     g("--eval_tokens", type=int, default=2048, help="held-out tokens per evaluation (0 = none)")
+    g("--eval_text", default=None, help="a second held-out text (another domain) evaluated like the held-out split; never "
+                                        "trained on (default for the demo: prepare.py's Shakespeare; '' = none)")
     g("--log_interval", type=int, default=5, help="print a progress line every this many steps")
     g("--save_interval", type=int, default=50, help="write the checkpoint every this many steps (and at stage end)")
     g("--stop_after", type=int, default=0, help="checkpoint and exit after this many steps in this invocation (0 = run to the end)")
@@ -106,16 +127,27 @@ class ConvertError(Exception):
 
 
 def check_args(args, n_layers=None):
-    """Every refusal that does not need the data, made before any work. Returns the kept attention layers."""
+    """Every refusal that does not need the data, made before any work. Returns the kept attention layers
+    (a tuple of indices, or an int K for auto:K)."""
     for name in ("seq_len", "batch_size", "grad_accum", "kl_chunk", "seq_len3", "batch_size3", "log_interval", "save_interval"):
         if getattr(args, name) < 1:
             raise ConvertError(f"--{name} must be at least 1")
+    for name in ("calibrate", "cache1", "lr2_rest"):
+        if getattr(args, name) < 0:
+            raise ConvertError(f"--{name} must not be negative")
     if os.path.abspath(args.out) == os.path.abspath(args.teacher):
         raise ConvertError("--out must differ from --teacher")
+    spec = args.attention_layers.strip()
+    if spec.startswith("auto:"):
+        if not spec[5:].isdigit() or not 0 < int(spec[5:]) < n_layers:
+            raise ConvertError(f"--attention_layers {spec}: auto:K needs 0 < K < {n_layers} (the teacher's layers)")
+        if args.calibrate < 1:
+            raise ConvertError("--attention_layers auto:K measures each layer's damage on the --calibrate batches; set --calibrate >= 1")
+        return int(spec[5:])
     try:
-        layers = tuple(sorted({int(x) for x in args.attention_layers.split(",") if x.strip()}))
+        layers = tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
     except ValueError:
-        raise ConvertError(f"--attention_layers {args.attention_layers!r}: expected comma-separated layer indices")
+        raise ConvertError(f"--attention_layers {args.attention_layers!r}: expected comma-separated layer indices or auto:K")
     if any(not 0 <= i < n_layers for i in layers):
         raise ConvertError(f"--attention_layers {args.attention_layers}: the teacher has layers 0..{n_layers - 1}")
     if len(layers) == n_layers:
@@ -132,6 +164,7 @@ class Dist:
         self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank, self.local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         self.master = self.rank == 0
+        self.own_group = False   # a world-size-1 process group made for --fsdp without torchrun
 
     def start(self, device: torch.device):
         if self.enabled and not dist.is_initialized():
@@ -141,6 +174,8 @@ class Dist:
         if self.enabled and dist.is_initialized():
             if ok:   # without it, 2-rank gloo runs aborted at exit 2 times in 3 (SPEC §5)
                 dist.barrier()
+            dist.destroy_process_group()
+        elif self.own_group and dist.is_initialized():
             dist.destroy_process_group()
 
     def all_sum(self, x: torch.Tensor) -> torch.Tensor:
@@ -194,20 +229,124 @@ def pick_device(args, d: Dist):
     return device, dtype
 
 
+# ----------------------------------------------------------------------------- sharding (--fsdp, SPEC §8)
+
+@dataclass
+class Sharding:
+    """How --fsdp lays both models out (notes/fsdp2.md): a device mesh (1-D: shard over every process; 2-D
+    (replicas, shard) = HSDP), the mixed-precision policy and per-block activation checkpointing of the student."""
+    mesh: object
+    mp: MixedPrecisionPolicy   # bf16 compute: bf16 all-gathers, fp32 master weights and gradient reductions (replaces autocast)
+    checkpoint_blocks: bool
+
+
+def fsdp_setup(args, d: Dist, device, dtype) -> Sharding | None:
+    """--fsdp: the mesh (and, without torchrun, a process group of one: FSDP needs one); None without --fsdp."""
+    if not args.fsdp:
+        if args.hsdp or args.activation_checkpointing:
+            raise ConvertError(f"--{'hsdp' if args.hsdp else 'activation_checkpointing'} needs --fsdp")
+        return None
+    if args.calibrate:   # calibrate.py runs the teacher's and student's submodules directly: impossible once sharded
+        raise ConvertError("--fsdp does not support the calibrated init (calibrate.py needs whole models); pass --calibrate 0")
+    replicas = args.hsdp or 1
+    if replicas < 0 or d.world % replicas:
+        raise ConvertError(f"--hsdp {args.hsdp} must divide the number of processes ({d.world})")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        d.own_group = True
+    shape, names = ((d.world,), ("shard",)) if replicas == 1 else ((replicas, d.world // replicas), ("replicate", "shard"))
+    bf16 = dtype == torch.bfloat16
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
+    log(d, f"--fsdp: mesh {dict(zip(names, shape))}, compute {'bf16 (fp32 masters and reductions)' if bf16 else 'fp32'}"
+           f"{', activation checkpointing' if args.activation_checkpointing else ''}")
+    return Sharding(init_device_mesh(device.type, shape, mesh_dim_names=names), mp, args.activation_checkpointing)
+
+
+def shard_model(model: qrwkv.QRWKV, sh: Sharding, trained: bool):
+    """fully_shard each block, then the embedding and the head (one unit when tied: a tied pair split over two units
+    fails at the first forward), then the root (left with the final norm). Each unit is gathered only during its own
+    forward and backward (the head once per KL chunk); reshard_after_forward=True also on the root, which would
+    otherwise keep a frozen model's parameters gathered after a no_grad forward, for the whole run."""
+    kw = dict(mesh=sh.mesh, mp_policy=sh.mp, reshard_after_forward=True)
+    for block in model.model.layers:
+        if trained and sh.checkpoint_blocks:
+            checkpoint_module(block)   # composable: recomputes the block in backward, parameter names unchanged
+        fully_shard(block, **kw)
+    if model.config.tie_word_embeddings:
+        fully_shard([model.model.embed_tokens, model.lm_head], **kw)
+    else:
+        fully_shard(model.model.embed_tokens, **kw)
+        fully_shard(model.lm_head, **kw)
+    fully_shard(model, **kw)
+
+
+@torch.no_grad()
+def put(param, value):
+    """param ← value: a plain tensor, or this process's shard of a sharded one. value is full (every process holds the
+    same: its shard is sliced out locally, no communication) or a DTensor laid out like param."""
+    if isinstance(param, DTensor):
+        if not isinstance(value, DTensor):
+            value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        param, value = param.to_local(), value.to_local()
+    param.copy_(value)
+
+
+def data_parallel(run, student):
+    """The model train_stage runs: the student in DDP under torchrun, else itself. A sharded student synchronises in
+    its own backward hooks: it reduce-scatters every micro-batch (train_stage's DDP-only require_backward_grad_sync
+    flag is inert on it), as accumulating unsharded gradients would hold full fp32 gradients (notes/fsdp2.md P7)."""
+    if isinstance(student, FSDPModule):
+        total = lambda m: sum(p.numel() for p in m.parameters())
+        log(run.d, f"--fsdp: process 0 holds {local_numel(run.teacher):,} of the teacher's {total(run.teacher):,} parameters "
+                   f"and {local_numel(student):,} of the student's {total(student):,}")
+    if isinstance(student, FSDPModule) or not run.d.enabled:
+        return student
+    return DDP(student, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+
+
+def local_numel(model) -> int:
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+
+
 # ----------------------------------------------------------------------------- teacher and data
 
-def load_teacher(path: str, device, dtype) -> qrwkv.QRWKV:
-    """The frozen teacher in the compute dtype (bf16 halves its memory and, where bf16 is native, its time)."""
+def load_teacher(path: str, device, dtype, sharding: Sharding | None = None) -> qrwkv.QRWKV:
+    """The frozen teacher in the compute dtype (bf16 halves its memory and, where bf16 is native, its time); under
+    --fsdp sharded (`load_sharded_teacher`), carrying its Sharding so the student is laid out alike."""
     try:
         cfg = qrwkv.load_config(path)
         if cfg.is_converted:
             raise ValueError(f"model_type {cfg.model_type} is already a converted QRWKV model; pass the softmax-attention teacher")
         if not os.path.isfile(os.path.join(path, "tokenizer.json")):
             raise FileNotFoundError("no tokenizer.json")
-        teacher = qrwkv.load_model(path, dtype=dtype, device=device)
-    except (ValueError, FileNotFoundError, KeyError, OSError, SafetensorError) as e:   # a corrupt weight file is SafetensorError
-        raise ConvertError(f"teacher {path}: {e}".splitlines()[0])
+        if sharding is None:
+            teacher = qrwkv.load_model(path, dtype=dtype, device=device)
+        else:
+            teacher = load_sharded_teacher(path, cfg, sharding, device, dtype)
+    except (ValueError, FileNotFoundError, KeyError, OSError, SafetensorError, RuntimeError, dcp.api.CheckpointException) as e:
+        raise ConvertError(f"teacher {path}: {e}".splitlines()[0])   # a corrupt weight file is SafetensorError
+    teacher.sharding = sharding
     return teacher.requires_grad_(False)
+
+
+def load_sharded_teacher(path, cfg, sh: Sharding, device, dtype) -> qrwkv.QRWKV:
+    """Built on the meta device, sharded, then only this process's shards read from the Hugging Face safetensors
+    (torch.distributed.checkpoint plans each process's slices), so no process ever holds the whole teacher.
+    A tied teacher is untied (+V·C/N parameters per process): a tied pair must share one FSDP unit, and a unit of
+    several modules reshards only once all of them have run, so [embedding, head] would stay gathered from the
+    KL's second chunk to the next teacher forward (measured); apart, the head is gathered for each KL chunk only."""
+    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+        raise FileNotFoundError(f"{path}: no .safetensors weights; convert .bin checkpoints to safetensors first")
+    with torch.device("meta"):   # a tied head gets its own copy of the embedding (below)
+        teacher = qrwkv.QRWKV(replace(cfg, tie_word_embeddings=False)).to(dtype)
+    shard_model(teacher, sh, trained=False)
+    teacher.to_empty(device=device)
+    tensors = {n: p.detach() for n, p in teacher.named_parameters()}
+    head = tensors.pop("lm_head.weight") if cfg.tie_word_embeddings else None
+    dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(path))
+    if head is not None:
+        dcp.load({"model.embed_tokens.weight": head}, storage_reader=dcp.HuggingFaceStorageReader(path))
+    return teacher.eval()
 
 
 def data_files(path: str) -> list:
@@ -321,6 +460,19 @@ def prepare_data(d: Dist, data_path: str, teacher_dir: str, out: str, key: dict)
     return meta
 
 
+def eval_tokens(args, d):
+    """--eval_text tokenised (EOS after each document), for evaluation only; None without one."""
+    if not args.eval_text:
+        return None
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(args.teacher, "tokenizer.json"))
+    docs = read_documents(data_files(args.eval_text))
+    ids = [t for enc in tok.encode_batch(docs, add_special_tokens=False) for t in enc.ids + [eos_id(args.teacher)]]
+    if len(ids) < 2:
+        raise ConvertError(f"--eval_text {args.eval_text}: fewer than 2 tokens")
+    return np.asarray(ids, dtype=np.uint32)
+
+
 def windows(data, starts, T, device) -> torch.Tensor:
     """(len(starts), T+1) token windows data[s : s+T+1] as int64: inputs are [:, :-1], next-token targets [:, 1:]."""
     x = np.stack([data[s:s + T + 1] for s in starts]).astype(np.int64)
@@ -355,34 +507,46 @@ def kl_divergence(student_logits, teacher_logits) -> torch.Tensor:
     return F.kl_div(log_ps, log_pt, log_target=True, reduction="sum")
 
 
-def align_loss(model, student, teacher, x, chunk):
+def converted_layers(model: qrwkv.QRWKV) -> list:
+    return [i for i in range(model.config.num_hidden_layers) if i not in model.config.attention_layers]
+
+
+@torch.no_grad()
+def teacher_targets(teacher, ids, layers) -> dict:
+    """{layer: (normalised attention input, attention output)} from one teacher forward (the step-1 targets)."""
+    with teacher.capture_mixers(layers) as io:
+        teacher(ids, return_hidden=True)
+    return io
+
+
+def align_loss(model, run, x, key):
     """Step 1 (teacher-forced): each converted layer's time-mix reads the teacher's normalised attention input and
     learns its attention output; the residual stream is the teacher's. loss = mean over layers and tokens of
-    ‖y_teacher − y_student‖₂ / √C."""
-    ids = x[:, :-1]
-    layers = [i for i in range(len(teacher.model.layers)) if i not in student.config.attention_layers]
-    with torch.no_grad(), teacher.capture_mixers(layers) as io:
-        teacher(ids, return_hidden=True)
-    ys, _ = model(ids, mixer_inputs={i: xy[0] for i, xy in io.items()})
+    ‖y_teacher − y_student‖₂ / √C. The targets depend only on the batch, so --cache1 keeps them (key = batch id)."""
+    layers = converted_layers(run.student)
+    io = run.cache1.get(key) or teacher_targets(run.teacher, x[:, :-1], layers)
+    if run.args.cache1:
+        run.cache1[key] = io
+    ys, _ = model(x[:, :-1], mixer_inputs={i: io[i][0] for i in layers})
     err = [(io[i][1].float() - ys[i].float()).norm(dim=-1).mean() for i in layers]
-    return torch.stack(err).mean() / math.sqrt(teacher.config.hidden_size)
+    return torch.stack(err).mean() / math.sqrt(run.teacher.config.hidden_size)
 
 
-def distill_loss(model, student, teacher, x, chunk):
+def distill_loss(model, run, x, key):
     """Step 2: mean per-token KL(teacher ‖ student) over the full vocabulary, from final hidden states, in chunks."""
-    ids = x[:, :-1]
+    ids, student, teacher = x[:, :-1], run.student, run.teacher
     with torch.no_grad():
         ht, _ = teacher(ids, return_hidden=True)
     hs, _ = model(ids, return_hidden=True)
     kl = lambda hs_c, ht_c: kl_divergence(student.lm_head(hs_c), teacher.lm_head(ht_c).detach())
-    return chunked_over_tokens(kl, hs, ht, chunk=chunk) / ids.numel()
+    return chunked_over_tokens(kl, hs, ht, chunk=run.args.kl_chunk) / ids.numel()
 
 
-def longctx_loss(model, student, teacher, x, chunk):
+def longctx_loss(model, run, x, key):
     """Step 3: mean next-token cross-entropy on long sequences; no teacher."""
     hs, _ = model(x[:, :-1], return_hidden=True)
-    ce = lambda hs_c, t_c: F.cross_entropy(student.lm_head(hs_c).float(), t_c, reduction="sum")
-    return chunked_over_tokens(ce, hs, x[:, 1:], chunk=chunk) / x[:, 1:].numel()
+    ce = lambda hs_c, t_c: F.cross_entropy(run.student.lm_head(hs_c).float(), t_c, reduction="sum")
+    return chunked_over_tokens(ce, hs, x[:, 1:], chunk=run.args.kl_chunk) / x[:, 1:].numel()
 
 
 @dataclass
@@ -395,23 +559,29 @@ class Stage:
     B: int            # sequences per micro-batch per process
     T: int            # tokens per sequence
     loss: object      # align_loss, distill_loss or longctx_loss
+    rest_scale: float = 0.0   # step 2: lr of the non-time-mix parameters / lr of the time-mix (0 = frozen)
 
 
 def stage_plan(args, n_train_tokens) -> dict:
     return {1: Stage(1, args.steps1, args.lr1, args.min_lr1, args.warmup1, args.batch_size, args.seq_len, align_loss),
-            2: Stage(2, args.steps2, args.lr2, args.min_lr2, args.warmup2, args.batch_size, args.seq_len, distill_loss),
+            2: Stage(2, args.steps2, args.lr2, args.min_lr2, args.warmup2, args.batch_size, args.seq_len, distill_loss,
+                     args.lr2_rest / args.lr2 if args.lr2 > 0 else 0.0),
             3: Stage(3, args.steps3, args.lr3, args.min_lr3, args.warmup3, args.batch_size3,
                      min(args.seq_len3, n_train_tokens - 1), longctx_loss)}
 
 
-def trainable(student: qrwkv.QRWKV, stage: int) -> list:
-    """Step 1 trains only the time-mix blocks; steps 2 and 3 train everything (requires_grad marks which)."""
-    student.requires_grad_(stage != 1)
-    if stage == 1:
-        for block in student.model.layers:
-            if isinstance(block.self_attn, qrwkv.TimeMix):
-                block.self_attn.requires_grad_(True)
-    return [p for p in student.parameters() if p.requires_grad]
+def param_groups(student: qrwkv.QRWKV, stage: int, rest_scale: float) -> list:
+    """AdamW groups [time-mix, rest], each with an lr scale. Step 1 trains only the time-mix blocks; step 2 also the
+    rest at rest_scale × the time-mix lr (0: frozen, as short runs prefer, SPEC §7); step 3 everything alike.
+    requires_grad marks what trains, so frozen parameters get no gradients and DDP syncs none of them."""
+    rest_scale = {1: 0.0, 2: rest_scale, 3: 1.0}[stage]
+    mix = [p for i in converted_layers(student) for p in student.model.layers[i].self_attn.parameters()]
+    mix_ids = {id(p) for p in mix}
+    rest = [p for p in student.parameters() if id(p) not in mix_ids]
+    student.requires_grad_(False)
+    for p in mix + (rest if rest_scale > 0 else []):
+        p.requires_grad_(True)
+    return [dict(params=mix, lr_scale=1.0)] + ([dict(params=rest, lr_scale=rest_scale)] if rest_scale > 0 else [])
 
 
 def lr_at(step, st: Stage):
@@ -451,9 +621,12 @@ def evaluate(d, args, student, teacher, val, device, amp):
 
 
 def eval_table(stage, step, r) -> str:
-    return (f"eval | stage {stage} step {step} | {r['tokens']} held-out tokens\n"
-            f"       perplexity  teacher {r['teacher_ppl']:9.3f}   student {r['student_ppl']:9.3f}\n"
-            f"       KL(teacher||student) {r['kl']:.4f}   top-1 agreement {100 * r['top1_agree']:.1f}%")
+    rows = [f"eval | stage {stage} step {step} | {r['tokens']} held-out tokens"]
+    for name, p in (("held-out", ""), ("--eval_text", "text2_")):
+        if p + "kl" in r:
+            rows.append(f"       {name:11s} perplexity teacher {r[p + 'teacher_ppl']:8.3f} student {r[p + 'student_ppl']:9.3f} "
+                        f"(x{r[p + 'student_ppl'] / r[p + 'teacher_ppl']:.2f})  KL {r[p + 'kl']:.4f}  top-1 agreement {100 * r[p + 'top1_agree']:.1f}%")
+    return "\n".join(rows)
 
 
 # ----------------------------------------------------------------------------- run directory, checkpoints
@@ -494,17 +667,63 @@ class Resume:
     optimizer: dict
     rng: dict
     args: dict
+    attention_layers: tuple   # the layers kept as attention (chosen once when --attention_layers is auto:K)
+    sharded: dict | None = None   # --fsdp: the sharded checkpoint folder and how to rebuild the optimizer state (save_sharded)
 
 
 def save_checkpoint(d: Dist, path, args, identity, stage, step, done, student, optimizer):
-    """Atomically write OUT/ckpt.pt: tensors and plain types only (torch.load(weights_only=True) reads it)."""
+    """Atomically write OUT/ckpt.pt: tensors and plain types only (torch.load(weights_only=True) reads it). Under
+    --fsdp the tensors go to a sharded checkpoint folder beside it first (`save_sharded`) and ckpt.pt names it."""
+    out, tensors = os.path.dirname(path), {}
+    if isinstance(student, FSDPModule):
+        tensors = dict(sharded=save_sharded(d, out, f"ckpt-{stage}-{step:07d}", student, optimizer))
+    elif d.master:
+        tensors = dict(model={n: p.detach() for n, p in student.named_parameters() if p.requires_grad},
+                       optimizer=optimizer.state_dict())
     if d.master:
-        model = {n: p.detach() for n, p in student.named_parameters() if p.requires_grad}
         rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-        torch.save(dict(format=CKPT_FORMAT, stage=stage, step=step, done=done, model=model, optimizer=optimizer.state_dict(),
-                        rng=rng, args=vars(args), identity=identity), path + ".tmp")
+        torch.save(dict(format=CKPT_FORMAT, stage=stage, step=step, done=done, rng=rng, args=vars(args), identity=identity,
+                        attention_layers=list(student.config.attention_layers)) | tensors, path + ".tmp")
         os.replace(path + ".tmp", path)
+        for name in os.listdir(out):   # sharded folders of earlier checkpoints (the new one is named in ckpt.pt now)
+            if name.startswith("ckpt-") and name != tensors.get("sharded", {}).get("dir"):
+                shutil.rmtree(os.path.join(out, name))
     d.barrier()
+
+
+def save_sharded(d: Dist, out, name, student, optimizer) -> dict:
+    """--fsdp: every process writes its shards of the trained tensors and the AdamW state into OUT/name
+    (torch.distributed.checkpoint: any number of processes can read it back). Returns what ckpt.pt records to rebuild
+    torch's optimizer state_dict from it: parameter names in the optimizer's order, its groups and state keys."""
+    path = os.path.join(out, name)
+    if d.master:
+        shutil.rmtree(path, ignore_errors=True)   # a folder left by a run killed while writing it
+    d.barrier()
+    names = {id(p): n for n, p in student.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    opt = optimizer.state_dict()
+    model = {n: p.detach() for n, p in student.named_parameters() if p.requires_grad}
+    state = {order[i]: s for i, s in opt["state"].items()}
+    dcp.save(dict(model=model, optim=state), checkpoint_id=path)
+    return dict(dir=name, model=sorted(model), params=order, state=sorted(state), groups=opt["param_groups"],
+                state_keys=sorted(next(iter(state.values()), {})))
+
+
+def load_sharded_resume(student, resume: Resume) -> list:
+    """--fsdp: the checkpoint's tensors read into the sharded student (each process its own shards, whatever number of
+    processes wrote them) and its AdamW state into resume.optimizer in torch's own state_dict layout (index keys), so
+    train_stage loads it as it loads DDP's. Returns the checkpoint's tensor names this student lacks."""
+    info, params = resume.sharded, dict(student.named_parameters())
+    unexpected = [n for n in info["model"] if n not in params]
+    if unexpected:
+        return unexpected
+    model = {n: params[n].detach() for n in info["model"]}
+    state = {n: {k: torch.zeros(()) if k == "step" else torch.zeros_like(params[n]) for k in info["state_keys"]}
+             for n in info["state"]}
+    dcp.load(dict(model=model, optim=state), checkpoint_id=info["path"])
+    index = {n: i for i, n in enumerate(info["params"])}
+    resume.optimizer = dict(state={index[n]: s for n, s in state.items()}, param_groups=info["groups"])
+    return []
 
 
 def load_resume(args, identity) -> Resume | None:
@@ -538,16 +757,28 @@ def load_resume(args, identity) -> Resume | None:
         if ck["identity"][what] != identity[what]:
             raise ConvertError(f"--resume: the teacher's {what} differs from the checkpoint's ({what} hash "
                                f"{identity[what]} vs {ck['identity'][what]}); pass the teacher the run was started with")
-    return Resume(ck["stage"], ck["step"], ck["done"], ck["model"], ck["optimizer"], ck["rng"], ck["args"])
+    if bool(ck.get("sharded")) != args.fsdp:
+        raise ConvertError(f"--resume: {ckpt_path} was written {'with' if ck.get('sharded') else 'without'} --fsdp; "
+                           f"resume it the same way")
+    sharded = ck.get("sharded") and ck["sharded"] | dict(path=os.path.join(args.out, ck["sharded"]["dir"]))
+    return Resume(ck["stage"], ck["step"], ck["done"], ck.get("model"), ck.get("optimizer"), ck["rng"], ck["args"],
+                  tuple(ck["attention_layers"]), sharded or None)
 
 
 def build_student(teacher, attention_layers, device, resume: Resume | None) -> qrwkv.QRWKV:
-    """The one student object of the whole run, fp32 master weights, untied head: time-mix blocks initialised per
-    SPEC §3 from the teacher, then the checkpoint's tensors when resuming."""
-    student = qrwkv.student_from_teacher(teacher, attention_layers=attention_layers).to(device, torch.float32)
-    student.untie_lm_head()
+    """The one student object of the whole run, fp32 master weights, untied head: built on the meta device and laid
+    out like the teacher (sharded under --fsdp), initialised per SPEC §3 from the teacher (`init_from_teacher`), then
+    the checkpoint's tensors when resuming (under --fsdp also its optimizer state, into resume.optimizer)."""
+    cfg = replace(teacher.config, attention_layers=tuple(attention_layers), tie_word_embeddings=False)
+    with torch.device("meta"):
+        student = qrwkv.QRWKV(cfg)
+    sharding = getattr(teacher, "sharding", None)
+    if sharding is not None:
+        shard_model(student, sharding, trained=True)
+    student.to_empty(device=device)
+    init_from_teacher(student, teacher, seed=int(torch.randint(2 ** 31, ())))
     if resume is not None:
-        missing, unexpected = student.load_state_dict(resume.model, strict=False)
+        unexpected = load_sharded_resume(student, resume) if sharding else student.load_state_dict(resume.model, strict=False)[1]
         if unexpected:
             raise ConvertError(f"--resume: the checkpoint holds tensors this student lacks, e.g. {unexpected[0]}; "
                                f"it was made with other --attention_layers or another teacher")
@@ -557,12 +788,84 @@ def build_student(teacher, attention_layers, device, resume: Resume | None) -> q
     return student.train()
 
 
+def init_from_teacher(student, teacher, seed: int):
+    """SPEC §3 init, also for a student built on the meta device: every tensor the teacher has (same name) is copied
+    from it (each process's shard when sharded: same layout, no communication); the rest (gate, token shift, decay:
+    the time-mix's own) from that layer's mixer built alone under seed + layer, the same on every process and layout."""
+    src = dict(teacher.named_parameters(remove_duplicate=False))   # a tied teacher's lm_head.weight is its embedding
+    for name, p in student.named_parameters():
+        if name in src:
+            put(p, src[name])
+    done = set(src)
+    for i, block in enumerate(student.model.layers):
+        if i not in student.config.attention_layers:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + i)
+                fresh = type(block.self_attn)(student.config, i)
+            for name, p in block.self_attn.named_parameters():
+                if f"model.layers.{i}.self_attn.{name}" not in src:
+                    put(p, fresh.get_parameter(name))
+                    done.add(f"model.layers.{i}.self_attn.{name}")
+    left = [n for n, _ in student.named_parameters() if n not in done]
+    assert not left, f"student tensors with no initial value: {left}"
+
+
+def init_student(args, d, teacher, train, layers, device, resume: Resume | None) -> qrwkv.QRWKV:
+    """The one student: the checkpoint's when resuming; else the SPEC §3 init, calibrated on --calibrate training
+    micro-batches (calibrate.py), with auto:K's attention layers chosen by measured damage (`layer_damage`)."""
+    if resume is not None or not args.calibrate:
+        return build_student(teacher, resume.attention_layers if resume else layers, device, resume)
+    import calibrate
+    starts = np.random.default_rng((args.seed, 0)).integers(0, len(train) - args.seq_len, size=args.calibrate)
+    batches = [windows(train, [s], args.seq_len, device)[:, :-1] for s in starts]   # the same on every process
+    student = build_student(teacher, () if isinstance(layers, int) else layers, device, None)
+    report = calibrate.calibrate_student(student, teacher, batches)
+    log(d, f"calibrated {len(report['rel_err_after'])} time-mix blocks on {args.calibrate} x {args.seq_len} tokens: median "
+           f"relative error to the teacher's attention {np.median(report['rel_err_before']):.3f} -> {np.median(report['rel_err_after']):.3f}")
+    if isinstance(layers, int):   # auto:K: keep as attention the K layers whose conversion alone costs the most
+        damage = layer_damage(student, teacher, batches[:2], args.kl_chunk)
+        keep = tuple(sorted(np.argsort(damage)[::-1][:layers].tolist()))
+        log(d, f"auto:{layers}: keeping layers {list(keep)} as attention; KL when converted alone: "
+               + ", ".join(f"{i}:{v:.3f}" for i, v in enumerate(damage)))
+        kept = tuple(f"model.layers.{i}.self_attn." for i in keep)
+        calibrated = {k: v for k, v in student.state_dict().items() if ".self_attn." in k and not k.startswith(kept)}
+        student = build_student(teacher, keep, device, None)
+        student.load_state_dict(calibrated, strict=False)
+    return student
+
+
+@torch.no_grad()
+def layer_damage(student, teacher, batches, chunk) -> list:
+    """For each converted layer i: mean per-token KL(teacher ‖ teacher with only layer i's attention replaced by the
+    student's time-mix) on `batches` (training text). Layers 0-1 are known to be the most fragile (SPEC §7)."""
+    damage = []
+    for i in range(teacher.config.num_hidden_layers):
+        if i in student.config.attention_layers:
+            damage.append(0.0)
+            continue
+        mix = student.model.layers[i].self_attn
+        swap = lambda mod, a, out: (mix(*a[:3], None)[0].to(out[0].dtype), out[1])
+        total = n = 0
+        for ids in batches:
+            ht, _ = teacher(ids, return_hidden=True)
+            with teacher.model.layers[i].self_attn.register_forward_hook(swap):
+                hs, _ = teacher(ids, return_hidden=True)
+            kl = lambda a, b: kl_divergence(teacher.lm_head(a), teacher.lm_head(b))
+            total, n = total + chunked_over_tokens(kl, hs, ht, chunk=chunk).item(), n + ids.numel()
+        damage.append(total / n)
+    return damage
+
+
 def save_final(d, student, out, teacher_dir, dtype):
-    """qrwkv.save_model into OUT/.final (in the teacher's dtype), then move its files into OUT, config.json last."""
-    if d.master:
-        tmp = os.path.join(out, ".final")
+    """The converted model into OUT/.final (in the teacher's dtype): qrwkv.save_model, or under --fsdp
+    `write_gathered`; then its files are moved into OUT, config.json last."""
+    tmp = os.path.join(out, ".final")
+    if isinstance(student, FSDPModule):
+        write_gathered(d, student, tmp, teacher_dir, dtype)
+    elif d.master:
         qrwkv.save_model(student.to(dtype), tmp, tokenizer_dir=teacher_dir)
         student.float()
+    if d.master:
         names = sorted(os.listdir(tmp), key=lambda n: n == "config.json")
         for name in os.listdir(out):   # weight files of an earlier save that this one does not replace
             if (name.endswith(".safetensors") or name == "model.safetensors.index.json") and name not in names:
@@ -571,6 +874,44 @@ def save_final(d, student, out, teacher_dir, dtype):
             os.replace(os.path.join(tmp, name), os.path.join(out, name))
         os.rmdir(tmp)
     d.barrier()
+
+
+FINAL_SHARD_BYTES = 4 << 30   # the largest safetensors file of the final model under --fsdp (as qrwkv.save_model)
+
+
+def write_gathered(d, student, tmp, teacher_dir, dtype):
+    """--fsdp: the final model as a Hugging Face directory (config.json, safetensors files of at most FINAL_SHARD_BYTES
+    with an index when several, tokenizer files) from the sharded student, gathered one tensor at a time (a collective
+    every process joins); process 0 writes each file once its tensors are in, so it never holds more than one file."""
+    tensors = student.state_dict()   # sharded DTensors, in qrwkv.save_model's order
+    files, size = [[]], 0
+    for name, t in tensors.items():
+        if size and size + t.numel() * dtype.itemsize > FINAL_SHARD_BYTES:
+            files, size = files + [[]], 0
+        files[-1].append(name)
+        size += t.numel() * dtype.itemsize
+    fname = lambda i: "model.safetensors" if len(files) == 1 else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+    if d.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    for i, names in enumerate(files):
+        shard = {}
+        for name in names:
+            full = tensors[name].full_tensor()
+            if d.master:
+                shard[name] = full.to("cpu", dtype)
+        if d.master:
+            save_file(shard, os.path.join(tmp, fname(i)), metadata={"format": "pt"})
+    if d.master:
+        if len(files) > 1:
+            write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                       dict(metadata=dict(total_size=sum(t.numel() * dtype.itemsize for t in tensors.values())),
+                            weight_map={n: fname(i) for i, names in enumerate(files) for n in names}))
+        cfg = replace(student.config, dtype={v: k for k, v in qrwkv.DTYPES.items()}[dtype])
+        write_json(os.path.join(tmp, "config.json"), cfg.to_dict())
+        for name in qrwkv.TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(teacher_dir, name)):
+                shutil.copy(os.path.join(teacher_dir, name), tmp)
 
 
 def fmt_time(s):
@@ -593,6 +934,8 @@ class Run:
     val: np.ndarray
     identity: dict
     saved: tuple | None = None   # (stage, step) of the latest checkpoint
+    cache1: dict = field(default_factory=dict)   # --cache1: {batch id: step-1 teacher targets}
+    eval_text: np.ndarray | None = None          # --eval_text tokens (a second domain)
 
     def path(self, name):
         return os.path.join(self.args.out, name)
@@ -604,21 +947,44 @@ class Run:
 
     def eval(self, stage, step):
         r = evaluate(self.d, self.args, self.student, self.teacher, self.val, self.device, self.amp)
+        if self.eval_text is not None:
+            r |= {f"text2_{k}": v for k, v in evaluate(self.d, self.args, self.student, self.teacher, self.eval_text,
+                                                       self.device, self.amp).items()}
         log(self.d, eval_table(stage, step, r))
         self.record(dict(kind="eval", stage=stage, step=step) | r)
+
+
+def micro_steps(run: Run, st: Stage, model, step: int) -> float:
+    """Forward and backward of one optimizer step's micro-batches; returns the loss averaged over all processes."""
+    args, d = run.args, run.d
+    loss_sum = torch.zeros((), device=run.device)
+    for micro in range(args.grad_accum):
+        batch_step, batch_micro = step, micro
+        if st.n == 1 and args.cache1:   # cycle over the batches of the first --cache1 micro-steps (their targets are kept)
+            batch_step, batch_micro = divmod((step * args.grad_accum + micro) % args.cache1, args.grad_accum)
+        x = get_batch(run.train, seed=args.seed, stage=st.n, step=batch_step, micro=batch_micro, d=d, B=st.B, T=st.T,
+                      grad_accum=args.grad_accum, device=run.device)
+        if d.enabled:   # all-reduce gradients on the last micro-step only (what no_sync() does, as a flag)
+            model.require_backward_grad_sync = micro == args.grad_accum - 1
+        with run.amp():
+            loss = st.loss(model, run, x, (batch_step, batch_micro)) / args.grad_accum
+        loss.backward()
+        loss_sum += loss.detach()
+    return d.all_sum(loss_sum).item() / d.world
 
 
 def train_stage(run: Run, st: Stage, start: int, opt_state, first_eval: bool, budget: int | None) -> int:
     """Optimizer steps start+1..st.steps of one stage, evaluation and checkpoint at the top of each pass (so the
     final ones are not a separate code path). Stops early after `budget` steps. Returns the steps taken."""
     args, d, student = run.args, run.d, run.student
-    params = trainable(student, st.n)
-    optimizer = torch.optim.AdamW(params, lr=st.lr, betas=(args.beta1, args.beta2), eps=1e-8,
+    groups = param_groups(student, st.n, st.rest_scale)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=st.lr, betas=(args.beta1, args.beta2), eps=1e-8,
                                   weight_decay=args.weight_decay, fused=run.device.type == "cuda")
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
     # the frozen teacher stays outside DDP; DDP syncs only parameters with requires_grad
-    model = DDP(student, device_ids=[run.device.index] if run.device.type == "cuda" else None) if d.enabled else student
+    model = data_parallel(run, student)
     tokens_per_step = args.grad_accum * d.world * st.B * st.T
     log(d, f"stage {st.n}: steps {start}..{st.steps}, {tokens_per_step} tokens/step (B {st.B} x T {st.T} x accum "
            f"{args.grad_accum} x {d.world} proc), lr {st.lr:g}->{st.min_lr:g}, {sum(p.numel() for p in params):,} trainable")
@@ -636,18 +1002,8 @@ def train_stage(run: Run, st: Stage, start: int, opt_state, first_eval: bool, bu
         t0 = time.time()
         lr = lr_at(step, st)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=run.device)
-        for micro in range(args.grad_accum):
-            x = get_batch(run.train, seed=args.seed, stage=st.n, step=step, micro=micro, d=d, B=st.B, T=st.T,
-                          grad_accum=args.grad_accum, device=run.device)
-            if d.enabled:   # all-reduce gradients on the last micro-step only (what no_sync() does, as a flag)
-                model.require_backward_grad_sync = micro == args.grad_accum - 1
-            with run.amp():
-                loss = st.loss(model, student, run.teacher, x, args.kl_chunk) / args.grad_accum
-            loss.backward()
-            loss_sum += loss.detach()
-        loss_all = d.all_sum(loss_sum).item() / d.world
+            group["lr"] = lr * group["lr_scale"]
+        loss_all = micro_steps(run, st, model, step)
         gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         if not math.isfinite(loss_all) or not torch.isfinite(gnorm):
             kept = f"kept {run.path('ckpt.pt')} (stage {run.saved[0]} step {run.saved[1]})" if run.saved else "no checkpoint written yet"
@@ -691,6 +1047,8 @@ def demo_defaults(args, d: Dist):
     t_dir, text = holder["p"] if d.master else prepare.prepare(quiet=True)
     args.teacher, args.data = args.teacher or str(t_dir), args.data or str(text)
     args.out = args.out or DEMO_OUT
+    if args.eval_text is None:
+        args.eval_text = str(text.parent.parent / prepare.SECOND_REL)
 
 
 def main(argv=None):
@@ -699,12 +1057,13 @@ def main(argv=None):
     try:
         device, dtype = pick_device(args, d)
         d.start(device)
+        sharding = fsdp_setup(args, d, device, dtype)
         if args.teacher is None or args.data is None:
             demo_defaults(args, d)
         args.out = args.out or args.teacher.rstrip("/") + "-qrwkv"
-        teacher = load_teacher(args.teacher, device, dtype)
+        teacher = load_teacher(args.teacher, device, dtype, sharding)
         attention_layers = check_args(args, teacher.config.num_hidden_layers)
-        amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+        amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 and sharding is None)
         # the run directory: identity, resume point, data
         key = data_key(args.data, args.teacher, args.val_fraction)
         identity = run_identity(args, d, key)
@@ -728,9 +1087,9 @@ def main(argv=None):
         else:
             log(d, f"resuming stage {resume.stage} step {resume.step}{' (done)' if resume.done else ''} from {args.out}/ckpt.pt; "
                    f"changed arguments: {[k for k in identity['args'] if resume.args.get(k) != identity['args'][k]] or 'none'}")
-        student = build_student(teacher, attention_layers, device, resume)
+        student = init_student(args, d, teacher, meta["train"], attention_layers, device, resume)
         run = Run(args, d, device, amp, teacher, student, meta["train"], meta["val"], identity,
-                  saved=(resume.stage, resume.step) if resume else None)
+                  saved=(resume.stage, resume.step) if resume else None, eval_text=eval_tokens(args, d))
         log(d, f"teacher {args.teacher}: {teacher.config.model_type}, {teacher.config.num_hidden_layers} layers, "
                f"{len(meta['train']):,} train tokens; {d.world} process(es) on {device}; stages {[s for s, _ in todo] or 'none (run complete)'}")
         budget = args.stop_after or None

@@ -171,8 +171,11 @@ def test_ddp_equals_single_process(world, tmp_path):
 
 
 def test_resume_is_exact(world, tmp_path):
+    """Kill and resume in both stages, with the calibrated init, auto:K layer choice, the step-1 target cache (rebuilt
+    after a resume) and a frozen rest in step 2: identical losses and final weights."""
     args = ["--teacher", world["llama"], "--data", world["data"], *FAST, "--steps1", 6, "--steps2", 6,
-            "--save_interval", 2, "--eval_tokens", 0]
+            "--save_interval", 2, "--eval_tokens", 0, "--calibrate", 2, "--attention_layers", "auto:1", "--cache1", 3,
+            "--lr2_rest", 0]
     inproc(args + ["--out", tmp_path / "full"])
     cut = args + ["--out", tmp_path / "cut"]
     inproc(cut + ["--stop_after", 3])                  # stops in step 1 at step 3
@@ -192,6 +195,7 @@ def test_resume_is_exact(world, tmp_path):
     a = qrwkv.load_model(str(tmp_path / "full")).state_dict()
     b = qrwkv.load_model(str(tmp_path / "cut")).state_dict()
     assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+    assert len(json.loads((tmp_path / "cut" / "config.json").read_text())["attention_layers"]) == 1
     # a longer run: --resume with more step-2 steps continues the finished run (flat step-2 LR: same as one long run)
     inproc(cut + ["--resume", "--steps2", 8])
     inproc([x if x != 6 or i != args.index("--steps2") + 1 else 8 for i, x in enumerate(args)] + ["--out", tmp_path / "long"])
@@ -275,3 +279,65 @@ def test_error_nan_loss_keeps_checkpoint(world, tmp_path):
     step = int(msg.split("stage 1 step ")[1].split(":")[0])
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     assert f"(stage 1 step {step - 1})" in msg and ck["step"] == step - 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+# ----------------------------------------------------------------------------- the small-budget recipe (issue 11)
+
+def test_cached_step1_equals_uncached_on_the_same_batches(world, tmp_path):
+    """--cache1 N keeps the teacher's step-1 targets of the first N micro-batches and cycles over them: the first N steps
+    are the uncached run's exactly, step N+1 trains on batch 1 again."""
+    args = ["--teacher", world["llama"], "--data", world["data"], *FAST, "--steps1", 5, "--steps2", 1, "--eval_tokens", 0,
+            "--stage", "1", "--lr1", 0, "--min_lr1", 0]          # lr 0: the student stays put, so equal batches give equal losses
+    inproc(args + ["--out", tmp_path / "plain"])
+    inproc(args + ["--out", tmp_path / "cached", "--cache1", 3])
+    plain, cached = train_losses(tmp_path / "plain"), train_losses(tmp_path / "cached")
+    for s in (1, 2, 3):
+        assert abs(plain[(1, s)] - cached[(1, s)]) <= 1e-6 * plain[(1, s)], s
+    assert abs(cached[(1, 4)] - cached[(1, 1)]) <= 1e-6 * cached[(1, 1)] and abs(cached[(1, 5)] - cached[(1, 2)]) <= 1e-6 * cached[(1, 2)]
+    assert abs(plain[(1, 4)] - plain[(1, 1)]) > 1e-4 * plain[(1, 1)]   # fresh batches differ
+
+
+def test_auto_layers_keep_the_planted_bad_layer(world, tmp_path, capsys):
+    """layer_damage (the KL of converting one layer alone) moves a planted bad time-mix (layer 2, its output 30x too
+    large) from below layer 1 to above it; auto:1 keeps the most damaging layer as attention, written into config.json."""
+    teacher = qrwkv.load_model(world["qwen"]).requires_grad_(False)
+    student = convert.build_student(teacher, (), "cpu", None)
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    before = convert.layer_damage(student, teacher, [ids], chunk=16)
+    with torch.no_grad():
+        student.model.layers[2].self_attn.o_proj.weight *= 30
+    after = convert.layer_damage(student, teacher, [ids], chunk=16)
+    assert before[2] < before[1] < after[2] and before[:2] == after[:2] and min(before) > 0, (before, after)
+    args = ["--teacher", world["qwen"], "--data", world["data"], *FAST, "--steps1", 1, "--steps2", 1, "--eval_tokens", 0,
+            "--attention_layers", "auto:1", "--calibrate", 2]
+    inproc(args + ["--out", tmp_path / "out"])
+    logged = capsys.readouterr().out.split("KL when converted alone: ")[1].split("\n")[0]
+    worst = max((float(x.split(":")[1]), int(x.split(":")[0])) for x in logged.split(", "))[1]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["attention_layers"] == [worst]
+    assert "auto:K needs 0 < K < 3" in error_of(args[:-4] + ["--calibrate", 2, "--attention_layers", "auto:3", "--out", tmp_path / "o2"])
+
+
+def test_step2_frozen_rest_trains_only_the_time_mix(world, tmp_path):
+    """--lr2_rest 0: embeddings, norms, MLPs and the (untied) head keep the teacher's values through step 2."""
+    out = tmp_path / "frozen"
+    inproc(["--teacher", world["qwen"], "--data", world["data"], *FAST, "--steps1", 1, "--steps2", 3, "--eval_tokens", 0,
+            "--lr2", 1e-2, "--lr2_rest", 0, "--out", out])
+    student, teacher = qrwkv.load_model(str(out)).state_dict(), qrwkv.load_model(world["qwen"]).state_dict()
+    mlp = [n for n in teacher if ".mlp." in n or "norm" in n or "embed" in n or "lm_head" in n]
+    assert mlp and all(torch.equal(student[n], teacher[n]) for n in mlp)
+    assert not torch.equal(student["model.layers.0.self_attn.gate.weight"], torch.zeros_like(student["model.layers.0.self_attn.gate.weight"]))
+
+
+def test_errors_corrupt_teacher_and_old_checkpoint(world, tmp_path):
+    bad = tmp_path / "truncated"
+    shutil.copytree(world["llama"], bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    msg = error_of(["--teacher", bad, "--data", world["data"], "--out", tmp_path / "o", *FAST])
+    assert msg.startswith("convert.py: error: teacher") and "safetensors" in msg.lower() or "incomplete" in msg.lower(), msg
+    # a checkpoint with pickled objects (what convert.py wrote before format 2) is refused, not unpickled
+    args = ["--teacher", world["llama"], "--data", world["data"], *FAST, "--steps1", 1, "--steps2", 1, "--eval_tokens", 0]
+    out = tmp_path / "old"
+    inproc(args + ["--out", out, "--stop_after", 1])
+    torch.save(dict(model_kind="timemix", numpy_rng=np.random.get_state()), out / "ckpt.pt")
+    assert "not resumable" in error_of(args + ["--out", out, "--resume"])

@@ -415,15 +415,17 @@ def _unit_lower_inverse(A):
 def _wkv7_chunk_terms(r, k, v, log_w, a, b):
     """Per chunk, in parallel, (B, H, nc, Lc, N) inputs: Q, Y_in (Y = Q S0 + Y_in) and M, Δ (S_L = M S0 + Δ)."""
     Lc, dt = r.shape[-2], r.dtype
-    g64 = log_w.double().cumsum(-2)
-    e, ep, ie, ed = (x.exp().to(dt) for x in (g64, g64 - log_w.double(), -g64, g64[..., -1:, :] - g64))
+    lw64 = log_w.double()
+    g64 = lw64.cumsum(-2)
+    e, ep, ie, ed = (x.exp().to(dt) for x in (g64, g64 - lw64, -g64, g64[..., -1:, :] - g64))
     incl = torch.ones(Lc, Lc, dtype=torch.bool, device=r.device).tril()
     strict = incl.tril(-1)
+    ae, re = a * ep, r * e  # a_i e^{g_{i-1}}, r_i e^{g_i}
     bk = torch.cat([b * ie, k * ie], -2).transpose(-1, -2)  # (.., N, 2Lc): b_j e^{-g_j}, k_j e^{-g_j}
-    A_ab, A_ak = ((a * ep) @ bk).mul(strict.repeat(1, 2)).split(Lc, -1)
-    B_rb, B_rk = ((r * e) @ bk).mul(incl.repeat(1, 2)).split(Lc, -1)
-    W, Ut = (_unit_lower_inverse(A_ab) @ torch.cat([a * ep, A_ak @ v], -1)).split(r.shape[-1], -1)
-    Q, Y_in = r * e + B_rb @ W, B_rb @ Ut + B_rk @ v
+    A_ab, A_ak = (ae @ bk).mul(strict.repeat(1, 2)).split(Lc, -1)
+    B_rb, B_rk = (re @ bk).mul(incl.repeat(1, 2)).split(Lc, -1)
+    W, Ut = (_unit_lower_inverse(A_ab) @ torch.cat([ae, A_ak @ v], -1)).split(r.shape[-1], -1)
+    Q, Y_in = re + B_rb @ W, B_rb @ Ut + B_rk @ v
     bd, kd = (b * ed).transpose(-1, -2), (k * ed).transpose(-1, -2)
     M = bd @ W
     M.diagonal(dim1=-2, dim2=-1).add_(e[..., -1, :])  # + diag(e^{g_L})

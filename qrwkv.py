@@ -596,6 +596,12 @@ class TimeMix7(QKVO):
         if cfg.groupnorm_att:
             self.ln_x = nn.GroupNorm(self.H, D, eps=self.N * 1e-5)
 
+    def unused_parameters(self) -> list:
+        """Stored for the released layout but never read by forward, so they get no gradient (exclude them from
+        training, or DDP waits for them): r_k; v0, v1, v2 in layer 0; k_k, k_a when balance_state."""
+        names = ["r_k"] + (["v0", "v1", "v2"] if self.layer_id == 0 else []) + (["k_k", "k_a"] if self.balance_state else [])
+        return [getattr(self, n) for n in names]
+
     def value_residual(self, x, v):
         """Layer 0: remember v (B, T, H, N) as v_first.  Later layers: v + (v_first - v) ⊙ σ(v0 + x v1 v2)."""
         if self.layer_id == 0:

@@ -275,13 +275,21 @@ def test_rwkv6_stays_the_default():
     assert student.config.to_dict()["model_type"] == "rwkv6qwen2"
 
 
-def test_student_gradients_reach_time_mix():
-    student = qrwkv.student_from_teacher(tiny_teacher(), student="rwkv7", balance_state=True, gate_rank_type=1)
+@pytest.mark.parametrize("balance_state", [True, False])
+def test_gradients_reach_exactly_the_used_parameters(balance_state):
+    """Every time-mix parameter gets a gradient except TimeMix7.unused_parameters() (r_k, layer 0's v0/v1/v2,
+    k_k/k_a when balance_state), which get none."""
+    student = qrwkv.student_from_teacher(tiny_teacher(), student="rwkv7", balance_state=balance_state, gate_rank_type=1)
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(6))
     student(ids)[0].square().mean().backward()
-    tm = student.model.layers[1].self_attn
-    for name in ("w1", "a1", "v1", "gate.weight", "q_proj.weight", "k_proj.weight"):
-        assert tm.get_parameter(name).grad.abs().sum() > 0, name
+    for i, block in enumerate(student.model.layers):
+        tm = block.self_attn
+        unused = {id(p) for p in tm.unused_parameters()}
+        assert len(unused) == 1 + 3 * (i == 0) + 2 * balance_state
+        for name, p in tm.named_parameters():
+            assert (p.grad is None) == (id(p) in unused), (i, name)
+        for name in ("w1", "a1", "gate.weight", "q_proj.weight", "k_proj.weight") + (("v1",) if i else ()):
+            assert tm.get_parameter(name).grad.abs().sum() > 0, (i, name)
 
 
 @pytest.mark.parametrize("over,field", [(dict(gate_rank_type=3), "gate_rank_type"),

@@ -88,18 +88,20 @@ def wkv_inputs_recorded(rec: list):
 
 @torch.no_grad()
 def student_pieces(tm: qrwkv.TimeMix, x, cos, sin):
-    """One time-mix forward on teacher-forced input: output y_s and the recurrence inputs (r, k, v, log_w,
-    shapes (B, T, H, N)) plus the output gate g (B, T, H, N) that multiplies y before o_proj."""
-    rec, gate = [], []
-    hook = tm.gate.register_forward_hook(lambda m, a, out: gate.append(torch.sigmoid(out.float())))
+    """One time-mix forward on teacher-forced input: output y_s, o_proj's input h (the gated mixer output,
+    (B, T, H, N)), the recurrence inputs r, k, v, log_w and the output gate g, all (B, T, H, N)."""
+    rec, gate, h = [], [], []
+    hooks = [tm.gate.register_forward_hook(lambda m, a, out: gate.append(torch.sigmoid(out.float()))),
+             tm.o_proj.register_forward_pre_hook(lambda m, a: h.append(a[0].float()))]
     try:
         with wkv_inputs_recorded(rec):
             dt = tm.q_proj.weight.dtype
             y, _ = tm(x.to(dt), cos.to(dt), sin.to(dt), None)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     r, k, v, log_w = rec[0]
-    return y.float(), r, k, v, log_w, gate[0].view(r.shape)
+    return y.float(), h[0].view(r.shape), r, k, v, log_w, gate[0].view(r.shape)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -196,20 +198,24 @@ def choose_decay(tm, teacher_attn, rec, mode, spread, per_channel, ridge):
 
 
 def layer_normal_equations(tm, rec):
-    pieces = (student_pieces(tm, x, c, s)[1:] for x, c, s in zip(rec["x"], rec["cos"], rec["sin"]))
+    pieces = (student_pieces(tm, x, c, s)[2:] for x, c, s in zip(rec["x"], rec["cos"], rec["sin"]))
     return channel_normal_equations(zip(pieces, rec["z"]))
+
+
+@torch.no_grad()
+def gated_outputs(tm, rec):
+    """Per batch: the time-mix's gated output before o_proj, per head (B, T, H, N), and the teacher's y minus o_proj's bias."""
+    for x, c, s, y in zip(rec["x"], rec["cos"], rec["sin"], rec["y"]):
+        yield student_pieces(tm, x, c, s)[1], y - (tm.o_proj.bias.float() if tm.o_proj.bias is not None else 0)
 
 
 @torch.no_grad()
 def fit_head_amplitudes(tm, rec, ridge):
     """α_h minimising Σ_t ‖y_t − Σ_h α_h · W_o[:, h] (g·y_s)_h‖² (features (B, T, H, C)), folded into o_proj's columns."""
     A = rhs = 0
-    for x, c, s, y in zip(rec["x"], rec["cos"], rec["sin"], rec["y"]):
-        _, r, k, v, log_w, g = student_pieces(tm, x, c, s)
-        ys = channel_features(r, k, v, log_w, g).sum(3)                   # (B, T, H, N) = y·g per head
-        W = tm.o_proj.weight.float().view(-1, tm.H, tm.N)                  # (C, H, N)
-        u = torch.einsum("bthv,chv->bthc", ys, W)
-        y0 = y - (tm.o_proj.bias.float() if tm.o_proj.bias is not None else 0)
+    W = tm.o_proj.weight.float().view(-1, tm.H, tm.N)                      # (C, H, N)
+    for h, y0 in gated_outputs(tm, rec):
+        u = torch.einsum("bthv,chv->bthc", h, W)
         A = A + torch.einsum("bthc,btgc->hg", u, u).double()
         rhs = rhs + torch.einsum("bthc,btc->h", u, y0).double()
     alpha = ridge_solve(A, rhs, ridge)
@@ -221,10 +227,8 @@ def fit_head_amplitudes(tm, rec, ridge):
 def refit_o_proj(tm, rec, ridge):
     """o_proj ← argmin_W Σ_t ‖y_t − W h_t − b‖² + ρ‖W − W_0‖² (h = gated time-mix output), ρ = ridge × mean(diag Σ h hᵀ)."""
     A = rhs = 0
-    for x, c, s, y in zip(rec["x"], rec["cos"], rec["sin"], rec["y"]):
-        _, r, k, v, log_w, g = student_pieces(tm, x, c, s)
-        h = channel_features(r, k, v, log_w, g).sum(3).flatten(2).flatten(0, 1)     # (B·T, D)
-        y0 = (y - (tm.o_proj.bias.float() if tm.o_proj.bias is not None else 0)).flatten(0, 1)
+    for h, y0 in gated_outputs(tm, rec):
+        h, y0 = h.flatten(2).flatten(0, 1), y0.flatten(0, 1)               # (B·T, D), (B·T, C)
         A, rhs = A + (h.T @ h).double(), rhs + (h.T @ y0).double()
     rho = ridge * A.diagonal().mean()
     W0 = tm.o_proj.weight.double()

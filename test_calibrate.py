@@ -58,8 +58,9 @@ def test_channel_features_sum_to_time_mix_output(teacher):
         tm.gate.weight.normal_(0, 0.3)
         tm.time_decay.uniform_(-4, 1)
     rec = calibrate.capture_attention_io(teacher, batches(1, 5), [1])[1]
-    y, r, k, v, log_w, g = calibrate.student_pieces(tm, rec["x"][0], rec["cos"][0], rec["sin"][0])
+    y, h, r, k, v, log_w, g = calibrate.student_pieces(tm, rec["x"][0], rec["cos"][0], rec["sin"][0])
     F = calibrate.channel_features(r.double(), k.double(), v.double(), log_w.double(), g.double())
+    torch.testing.assert_close(F.sum(3).float(), h, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(tm.o_proj(F.sum(3).flatten(2).float()), y, atol=1e-5, rtol=1e-4)
 
 

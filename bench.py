@@ -5,6 +5,7 @@
     python bench.py --only convert  # step-1 / step-2 training tokens/s vs the demo teacher's forward
     python bench.py --only decode   # decode latency after 128..16k tokens, converted vs teacher, state bytes
     python bench.py --only wkv7     # WKV7 operator (RWKV-7 student): chunked vs sequential
+    python bench.py --only fsdp     # convert.py step 2 on 2 processes: per-process peak memory, DDP vs --fsdp
 
 Timings are medians of repeated runs after a warm-up, wall clock.  Peak memory on CPU is the growth of
 ru_maxrss in a fresh subprocess over its level once the inputs exist; on a GPU it is
@@ -313,14 +314,15 @@ def _wkv7_step(xs, train, **kw):
 
 
 def _wkv7_tokens_per_s(T, train, repeats, **kw):
-    """Median tokens/s over `repeats` runs after a 64-token warm-up."""
+    """Median tokens per CPU second of this process (time.process_time) over `repeats` runs after a 64-token
+    warm-up: on a shared machine wall clock measured the other tenants (ratios between two runs varied 1x-15x)."""
     xs = _wkv7_inputs(T, train)
     _wkv7_step([x[:, :64] for x in xs], train, **kw)
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.process_time()
         _wkv7_step(xs, train, **kw)
-        times.append(time.perf_counter() - t)
+        times.append(time.process_time() - t)
     return T / statistics.median(times)
 
 
@@ -343,11 +345,13 @@ def _wkv7_peak_mib(T, train, kw):
 
 
 def bench_wkv7(Ts=(512, 2048, 8192), chunk_sizes=(16, 32, 64), repeats=3):
-    """Tokens/s and peak memory of wkv7, fp32, CPU: the chunked form (default chunk, and other chunk sizes at
-    T = 2048) vs the per-token loop on a WKV7_SEQ_PREFIX-token prefix."""
+    """Tokens per CPU second and peak memory of wkv7, fp32, CPU, one thread: the chunked form (default chunk, and
+    other chunk sizes at T = 2048) vs the per-token loop on a WKV7_SEQ_PREFIX-token prefix."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU time of one thread: comparable between rows on a shared machine
     print(f"## wkv7 kernel  (B={KERNEL_SHAPE['B']}, H={KERNEL_SHAPE['H']}, N={KERNEL_SHAPE['N']}, fp32, cpu, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__})\n")
-    print("| T | backend | fwd tok/s | fwd+bwd tok/s | peak MiB fwd | peak MiB fwd+bwd | fwd ×seq | fwd+bwd ×seq |")
+          f"1 thread, torch {torch.__version__})\n")
+    print("| T | backend | fwd tok/CPU-s | fwd+bwd tok/CPU-s | peak MiB fwd | peak MiB fwd+bwd | fwd ×seq | fwd+bwd ×seq |")
     print("|---|---|---|---|---|---|---|---|")
     t = WKV7_SEQ_PREFIX
     seq = [_wkv7_tokens_per_s(t, train, repeats, backend="sequential") for train in (False, True)]
@@ -361,12 +365,149 @@ def bench_wkv7(Ts=(512, 2048, 8192), chunk_sizes=(16, 32, 64), repeats=3):
         mem = [_wkv7_peak_mib(T, train, kw) for train in (False, True)]
         print(f"| {T} | chunked ({c}) | {fwd:,.0f} | {both:,.0f} | {mem[0]:,.1f} | {mem[1]:,.1f} | "
               f"{fwd / seq[0]:.1f} | {both / seq[1]:.1f} |", flush=True)
+    torch.set_num_threads(threads)
     print(f"\nThe sequential row ran on {t} tokens (its tokens/s does not depend on T, its memory grows linearly). "
-          f"Every row is the median of {repeats} runs after a 64-token warm-up.  ×seq = tokens/s over the sequential "
+          f"Every row is the median of {repeats} runs after a 64-token warm-up, in tokens per CPU second of the process.  ×seq = tokens/s over the sequential "
           f"row.  Chunk size in parentheses.\n")
 
 
-SECTIONS = {"kernel": bench_kernel, "convert": bench_convert, "decode": bench_decode, "wkv7": bench_wkv7}
+
+# ---------------------------------------------------------------------------------------------
+# fsdp: per-process peak memory of one convert.py step-2 step, DDP vs --fsdp, 2 processes
+# ---------------------------------------------------------------------------------------------
+
+# a random Qwen2-like teacher of 53M parameters (untied); its student has 59M
+FSDP_TEACHER = dict(model_type="qwen2", vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=12,
+                    num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False, eos_token_id=0)
+
+
+def _fsdp_teacher_dir(path):
+    """The random teacher as a Hugging Face directory (config.json, model.safetensors, a one-token tokenizer.json)."""
+    from tokenizers import Tokenizer, models
+    torch.manual_seed(0)
+    qrwkv.save_model(qrwkv.QRWKV(qrwkv.Config.from_dict(FSDP_TEACHER)), path)
+    Tokenizer(models.WordLevel({"<eos>": 0}, unk_token="<eos>")).save(os.path.join(path, "tokenizer.json"))
+
+
+def _fsdp_child(teacher_dir, fsdp, B, T, steps):
+    """One torchrun process: convert.py's own teacher loading, student building and wrapping (DDP or --fsdp), then
+    `steps` step-2 optimizer steps (distill_loss, clip, AdamW over everything); rank 0 prints one JSON line with every
+    process's peak RSS per step above its RSS after init_process_group (VmHWM reset before each step) and step times."""
+    import types
+    import torch.distributed as dist
+    import convert
+    args = convert.get_args(["--teacher", teacher_dir, "--calibrate", "0", "--kl_chunk", "256"] + (["--fsdp"] if fsdp else []))
+    d, device = convert.Dist(), torch.device("cpu")
+    torch.set_num_threads(1)
+    d.start(device)
+    base = _rss_kib("VmRSS")
+    sharding = convert.fsdp_setup(args, d, device, torch.float32)
+    teacher = convert.load_teacher(teacher_dir, device, torch.float32, sharding)
+    torch.manual_seed(0)
+    student = convert.build_student(teacher, (), device, None)
+    run = types.SimpleNamespace(args=args, d=d, device=device, teacher=teacher, student=student)   # what the pieces read
+    model = convert.data_parallel(run, student)
+    optimizer = torch.optim.AdamW(convert.param_groups(student, 2, 1.0), lr=1e-5)
+    x = torch.randint(teacher.config.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(d.rank))
+    peaks, times = [], []
+    for _ in range(steps):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        t0 = time.perf_counter()
+        convert.distill_loss(model, run, x, None).backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        peaks.append((_rss_kib("VmHWM") - base) / 1024)
+    rows = [None] * d.world
+    dist.all_gather_object(rows, dict(peaks=peaks, times=times, base=base / 1024, local=[convert.local_numel(m) for m in (teacher, student)]))
+    if d.master:
+        print(json.dumps(rows))
+    d.close(True)
+
+
+# the Qwen2.5 teachers of the seeds (their config.json numbers); all untied, q/k/v biases (qwen2)
+QWEN25 = {"7B": (3584, 18944, 28, 28, 4), "32B": (5120, 27648, 64, 40, 8), "72B": (8192, 29568, 80, 64, 8)}
+
+
+def fsdp_memory_table(tokens=2048, kl_chunk=256, gpus=(8, 16), memories=(80, 141, 192)):
+    """Per-GPU memory of convert.py --fsdp for Qwen2.5-7B/32B/72B, from exact parameter counts of teacher and student
+    built on the meta device. Sharded state per GPU (N GPUs): teacher bf16 2·P_t/N + student fp32 masters 4·P_s/N +
+    fp32 gradient and AdamW m, v of what trains 12·P_train/N (step 1: the time-mix blocks; step 2: everything).
+    Working set W (an estimate, unsharded, per GPU, `tokens` per micro-batch, --activation_checkpointing): two
+    gathered bf16 blocks of each model and one block's fp32 gradient; the block inputs kept by checkpointing
+    (L·tokens·C bf16) and one block's recompute; step 1: the teacher's mixer inputs and outputs of every layer
+    (2·L·tokens·C bf16); step 2: both heads gathered for the KL (bf16) + the student head's fp32 gradient and the
+    KL chunk's logits. Fits: state + W <= 90% of the GPU. DDP needs 2·P_t + 20·P_s on every GPU (+ buckets)."""
+    rows = []
+    for name, (C, I, L, H, Hk) in QWEN25.items():
+        cfg = qrwkv.Config.from_dict(dict(model_type="qwen2", vocab_size=152064, hidden_size=C, intermediate_size=I,
+                                          num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=Hk))
+        with torch.device("meta"):
+            teacher = qrwkv.QRWKV(cfg)
+            student = qrwkv.student_from_teacher(teacher)
+        count = lambda ps: sum(p.numel() for p in ps)
+        Pt, Ps = count(teacher.parameters()), count(student.parameters())
+        Ptm = count(p for b in student.model.layers for p in b.self_attn.parameters())
+        blk_t, blk_s, V = count(teacher.model.layers[0].parameters()), count(student.model.layers[0].parameters()), cfg.vocab_size
+        for stage, trained in ((1, Ptm), (2, Ps)):
+            W = 2 * 2 * (blk_t + blk_s) + 4 * (blk_s if stage == 2 else Ptm // L) + L * tokens * C * 2 + tokens * (3 * I + 10 * C) * 4
+            W += 2 * L * tokens * C * 2 if stage == 1 else 8 * V * C + 4 * kl_chunk * V * 4
+            for n in gpus:
+                state = (2 * Pt + 4 * Ps + 12 * trained) / n
+                rows.append((name, Pt, Ps, Ptm, stage, n, state / 1e9, W / 1e9,
+                             ["yes" if state + W <= 0.9 * m * 1e9 else "no" for m in memories]))
+    print(f"## convert.py --fsdp memory per GPU, Qwen2.5 teachers (GB = 1e9 B; W at {tokens} tokens per micro-batch; "
+          f"fits = state + W <= 90% of the GPU)\n")
+    print("| teacher | P_teacher | P_student | P_time-mix | step | GPUs | sharded state / GPU | + W (estimate) | "
+          + " | ".join(f"{m} GB" for m in memories) + " |")
+    print("|---|---|---|---|---|---|---|---|" + "---|" * len(memories))
+    for name, Pt, Ps, Ptm, stage, n, state, W, fits in rows:
+        print(f"| {name} | {Pt / 1e9:.2f}B | {Ps / 1e9:.2f}B | {Ptm / 1e9:.2f}B | {stage} | {n} | {state:.1f} | {W:.1f} | "
+              + " | ".join(fits) + " |")
+    print()
+    return rows
+
+
+def bench_fsdp(B=1, T=256, steps=3):
+    """convert.py step 2 on 2 processes, DDP (a whole teacher and student per process) vs --fsdp (both sharded): peak
+    memory per process of one step once AdamW's state exists (the steps after the first) and the step time, fp32,
+    1 thread per process. MALLOC_MMAP_THRESHOLD_=65536 makes glibc return freed blocks to the OS; without it FSDP's
+    per-step gather/free churn stays resident and RSS shows no gain (notes/fsdp2.md §2.2)."""
+    import tempfile
+    fsdp_memory_table()
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        _fsdp_teacher_dir(tmp)
+        n_teacher = sum(t.numel() for t in qrwkv.load_model(tmp).parameters())
+        for name, fsdp in (("DDP", False), ("--fsdp", True)):
+            code = f"import bench; bench._fsdp_child({tmp!r}, {fsdp}, {B}, {T}, {steps})"
+            out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                  "--no-python", sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                 env=env, capture_output=True, text=True, timeout=1200)
+            if out.returncode:
+                raise RuntimeError(out.stderr[-3000:])
+            res[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"## convert.py step 2 on 2 processes: DDP vs --fsdp (teacher {n_teacher / 1e6:.1f}M parameters, B={B} x T={T}, "
+          f"fp32, 1 thread each, MALLOC_MMAP_THRESHOLD_=65536; steps 2..{steps}, medians)\n")
+    print("| layout | teacher / student params held per process | peak per process above its start (MiB) | step time (s) |")
+    print("|---|---|---|---|")
+    summary = {}
+    for name, rows in res.items():
+        peak = max(statistics.median(r["peaks"][1:]) for r in rows)
+        t = statistics.median(statistics.median(r["times"][1:]) for r in rows)
+        summary[name] = (peak, t)
+        peaks = " / ".join(f"{statistics.median(r['peaks'][1:]):,.0f}" for r in rows)
+        print(f"| {name} | {rows[0]['local'][0] / 1e6:.1f}M / {rows[0]['local'][1] / 1e6:.1f}M | {peaks} | {t:.2f} |")
+    ratio = summary["--fsdp"][0] / summary["DDP"][0]
+    print(f"\n--fsdp / DDP: peak per process {ratio:.2f}x (goal <= 0.6x: {'met' if ratio <= 0.6 else 'NOT met'}), "
+          f"step time {summary['--fsdp'][1] / summary['DDP'][1]:.2f}x.  Both processes share this machine's cores.\n")
+    return summary
+
+SECTIONS = {"kernel": bench_kernel, "convert": bench_convert, "decode": bench_decode, "wkv7": bench_wkv7,
+            "fsdp": bench_fsdp}
 
 
 def main():

@@ -360,7 +360,7 @@ def wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=16):
 #     (I - A_ab) U = (a ⊙ e^{g_{i-1}}) S0 + A_ak V        I - A_ab is unit lower triangular: one solve, giving
 #                                                        U = W S0 + Ũ (the WY / UT representation)
 #     Y   = (r ⊙ e^{g}) S0 + B_rb U + B_rk V = (r ⊙ e^{g} + B_rb W) S0 + (B_rb Ũ + B_rk V)
-#     S_L = e^{g_L} ⊙ S0 + (b ⊙ e^{g_L - g})ᵀ U + (k ⊙ e^{g_L - g})ᵀ V = M S0 + Δ
+#     S_Lc = e^{g_Lc} ⊙ S0 + (b ⊙ e^{g_Lc - g})ᵀ U + (k ⊙ e^{g_Lc - g})ᵀ V = M S0 + Δ
 #
 # Everything but S0 is computed for all chunks in parallel; only S <- M S + Δ runs chunk by chunk.
 # The pair decays are factorised, e^{g_i - g_j} = e^{g_i} · e^{-g_j}, so the scores are plain matmuls.  Every
@@ -413,7 +413,7 @@ def _unit_lower_inverse(A):
 
 
 def _wkv7_chunk_terms(r, k, v, log_w, a, b):
-    """Per chunk, in parallel, (B, H, nc, Lc, N) inputs: Q, Y_in (Y = Q S0 + Y_in) and M, Δ (S_L = M S0 + Δ)."""
+    """Per chunk, in parallel, (B, H, nc, Lc, N) inputs: Q, Y_in (Y = Q S0 + Y_in) and M, Δ (S_Lc = M S0 + Δ)."""
     Lc, dt = r.shape[-2], r.dtype
     lw64 = log_w.double()
     g64 = lw64.cumsum(-2)
@@ -428,7 +428,7 @@ def _wkv7_chunk_terms(r, k, v, log_w, a, b):
     Q, Y_in = re + B_rb @ W, B_rb @ Ut + B_rk @ v
     bd, kd = (b * ed).transpose(-1, -2), (k * ed).transpose(-1, -2)
     M = bd @ W
-    M.diagonal(dim1=-2, dim2=-1).add_(e[..., -1, :])  # + diag(e^{g_L})
+    M.diagonal(dim1=-2, dim2=-1).add_(e[..., -1, :])  # + diag(e^{g_Lc})
     return Q, Y_in, M, bd @ Ut + kd @ v
 
 

@@ -297,12 +297,12 @@ class TimeMix(QKVO):
         if self.use_rope:
             r, k = apply_rope(r, cos, sin), apply_rope(k, cos, sin)
         G = self.H // self.Hk
-        if G > 1:
-            v = v.repeat_interleave(G, dim=2)
+        heads = lambda x: x.unsqueeze(3).expand(B, T, self.Hk, G, self.N).flatten(2, 3)  # (B, T, Hk, N) -> H heads
+        v = heads(v) if G > 1 else v
         if self.balance_state:  # 5. state balancing: k ← k·(1 − w)
             k = (k.unsqueeze(3) * torch.expm1(log_w).neg().to(k.dtype).view(B, T, self.Hk, G, self.N)).flatten(2, 3)
         elif G > 1:
-            k = k.repeat_interleave(G, dim=2)
+            k = heads(k)
         # 6. S_t = diag(w_t) S_{t-1} + k_tᵀ v_t;  y_t = N^(-1/2) r_t S_t
         y, kv = wkv6(r * self.N ** -0.5, k, v, log_w, state=kv)
         y = y.flatten(2)

@@ -117,10 +117,12 @@ def test_student_init_keeps_hidden_states_near_the_teacher(tmp_path):
     assert all(isinstance(b.self_attn, qrwkv.TimeMix) for b in student.model.layers)
 
 
-@pytest.mark.parametrize("family,attention_layers", [("qwen3", ()), ("llama", (1,)), ("qwen2", (0, 2))])
-def test_recurrent_state_equals_full_sequence(tmp_path, family, attention_layers):
+@pytest.mark.parametrize("family,attention_layers,options", [
+    ("qwen3", (), {}), ("llama", (1,), {}), ("qwen2", (0, 2), {}),
+    ("llama", (), dict(balance_state=False, use_tokenshift=False, use_rope=True, groupnorm_att=True))])
+def test_recurrent_state_equals_full_sequence(tmp_path, family, attention_layers, options):
     _, path = hf_teacher(tmp_path, family)
-    student = qrwkv.student_from_teacher(qrwkv.load_model(path), attention_layers=attention_layers)
+    student = qrwkv.student_from_teacher(qrwkv.load_model(path), attention_layers=attention_layers, **options)
     randomize_time_mix(student)
     ids = torch.randint(0, VOCAB, (2, 70), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

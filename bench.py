@@ -34,6 +34,40 @@ from wkv_kernel import wkv6, wkv7
 
 KERNEL_SHAPE = dict(B=1, H=9, N=64)
 SEQ_PREFIX = 2048  # the sequential loop runs on at most this many tokens
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # native bf16 matmul units (qrwkv.auto_dtype picks bf16 only with one)
+
+
+def cpu_flags(names=BF16_FLAGS + ("avx512f", "avx2")):
+    """{flag: present} for the given /proc/cpuinfo flags (all False where there is no /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        flags = set()
+    return {n: n in flags for n in names}
+
+
+def matmul_gflops(dtype, M=512, K=576, N=4096, repeats=5, device="cpu"):
+    """GFLOP/s of one (M, K) @ (K, N) matmul in dtype (2·M·K·N flops), median of `repeats` after a warm-up.
+    The default is a slice of the demo's LM head (512 tokens × 576 → 4,096 of its 49,152 outputs)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(*s, generator=g).to(device, dtype) for s in ((M, K), (K, N)))
+    times = []
+    for i in range(repeats + 1):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * M * K * N / statistics.median(times[1:]) / 1e9
+
+
+def machine_line(device="cpu"):
+    """One line: matmul GFLOP/s in fp32 and bf16, and whether the CPU has native bf16 (the flags)."""
+    flags = ", ".join(f"{n} {'yes' if v else 'no'}" for n, v in cpu_flags().items())
+    return (f"machine: matmul 512×576 @ 576×4096 {matmul_gflops(torch.float32, device=device):,.1f} GFLOP/s fp32, "
+            f"{matmul_gflops(torch.bfloat16, device=device):,.1f} GFLOP/s bf16; CPU flags: {flags}; "
+            f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
 
 
 def _kernel_inputs(T, dtype, device, grad):
@@ -116,7 +150,8 @@ def bench_kernel(Ts=(512, 2048, 8192), repeats=3):
     if torch.cuda.is_available():
         rows += [("cuda", "sequential", True), ("cuda", "chunked", True), ("cuda", "cuda", False)]
     print(f"## wkv6 kernel  (B={KERNEL_SHAPE['B']}, H={KERNEL_SHAPE['H']}, N={KERNEL_SHAPE['N']}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__})\n")
+          f"{torch.get_num_threads()} threads, torch {torch.__version__})\n\n{machine_line()}\n")
+    goal = {}
     print("| dtype | T | device | backend | fwd tok/s | fwd+bwd tok/s | peak MiB fwd | peak MiB fwd+bwd "
           "| fwd ×seq | fwd+bwd ×seq |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -134,6 +169,8 @@ def bench_kernel(Ts=(512, 2048, 8192), repeats=3):
                        _peak_mib(backend, t, dtype, device, True) if train else None]
                 if slow:
                     seq[device] = (fwd, both)
+                elif (dtype, T, device, backend) == (torch.float32, 2048, "cpu", "chunked"):
+                    goal = dict(fwd=fwd / seq[device][0], both=both / seq[device][1])
                 ratio = lambda a, b: None if a is None or b is None else a / b
                 name = backend + ("*" if t < T else "")
                 print(f"| {str(dtype)[6:]} | {T} | {device} | {name} | {fmt(fwd)} | {fmt(both)} | "
@@ -143,7 +180,10 @@ def bench_kernel(Ts=(512, 2048, 8192), repeats=3):
     print(f"\n\\* the sequential loop ran on the first {SEQ_PREFIX} tokens only (tokens/s and peak memory "
           f"are for that prefix).  The sequential rows are one timed run after "
           f"a 64-token warm-up, the others the median of {repeats}.  ×seq = tokens/s over the sequential row "
-          f"of the same dtype, T and device.  The cuda backend is forward-only (training uses chunked).\n")
+          f"of the same dtype, T and device.  The cuda backend is forward-only (training uses chunked).")
+    if goal:
+        print(f"fp32, T=2048, chunked ÷ sequential: forward+backward {goal['both']:.1f}× (goal ≥ 20×), "
+              f"forward {goal['fwd']:.1f}× (goal > 1×).\n")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ def get_args(argv=None):
     g("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g("--attention_layers", default="", help="layers kept as softmax attention (hybrid): comma-separated indices, or auto:K "
                                              "= the K layers whose conversion alone costs the most KL after calibration")
+    g("--student", default="rwkv6", choices=["rwkv6", "rwkv7"], help="student mixer: rwkv6 (rwkv6qwen2, SPEC §3) or rwkv7 (rwkv7qwen2, SPEC §9)")
     g("--calibrate", type=int, default=4, help="teacher micro-batches for the calibrated time-mix init (calibrate.py); 0 = SPEC §3 init only")
     g("--seed", type=int, default=1337, help="random seed (initialisation and data sampling)")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -146,6 +147,8 @@ def check_args(args, n_layers=None):
             raise ConvertError(f"--attention_layers {spec}: auto:K needs 0 < K < {n_layers} (the teacher's layers)")
         if args.calibrate < 1:
             raise ConvertError("--attention_layers auto:K measures each layer's damage on the --calibrate batches; set --calibrate >= 1")
+        if args.student == "rwkv7":
+            raise ConvertError("--attention_layers auto:K: rwkv7qwen2 keeps attention only in its last layers; pass those indices")
         return int(spec[5:])
     try:
         layers = tuple(sorted({int(x) for x in spec.split(",") if x.strip()}))
@@ -280,6 +283,8 @@ def shard_model(model: qrwkv.QRWKV, sh: Sharding, trained: bool):
     else:
         fully_shard(model.model.embed_tokens, **kw)
         fully_shard(model.lm_head, **kw)
+    if not trained:   # the KL chunk's recompute in backward runs the frozen head again; FSDP would reshard it only
+        model.lm_head.register_forward_hook(lambda head, args, out: head.reshard())   # after gradients it has none of
     fully_shard(model, **kw)
 
 
@@ -496,9 +501,11 @@ def param_groups(student: qrwkv.QRWKV, stage: int, rest_scale: float) -> list:
     rest at rest_scale × the time-mix lr (0: frozen, as short runs prefer, SPEC §7); step 3 everything alike.
     requires_grad marks what trains, so frozen parameters get no gradients and DDP syncs none of them."""
     rest_scale = {1: 0.0, 2: rest_scale, 3: 1.0}[stage]
-    mix = [p for i in converted_layers(student) for p in student.model.layers[i].self_attn.parameters()]
-    mix_ids = {id(p) for p in mix}
-    rest = [p for p in student.parameters() if id(p) not in mix_ids]
+    mixers = [student.model.layers[i].self_attn for i in converted_layers(student)]
+    unused = {id(p) for m in mixers for p in getattr(m, "unused_parameters", list)()}   # rwkv7: stored, never read
+    mix = [p for m in mixers for p in m.parameters() if id(p) not in unused]
+    taken = unused | {id(p) for p in mix}
+    rest = [p for p in student.parameters() if id(p) not in taken]
     student.requires_grad_(False)
     for p in mix + (rest if rest_scale > 0 else []):
         p.requires_grad_(True)
@@ -686,11 +693,12 @@ def load_resume(args, identity) -> Resume | None:
                   tuple(ck["attention_layers"]), sharded or None)
 
 
-def build_student(teacher, attention_layers, device, resume: Resume | None) -> qrwkv.QRWKV:
+def build_student(teacher, attention_layers, device, resume: Resume | None, student_kind="rwkv6") -> qrwkv.QRWKV:
     """The one student object of the whole run, fp32 master weights, untied head: built on the meta device and laid
     out like the teacher (sharded under --fsdp), initialised per SPEC §3 from the teacher (`init_from_teacher`), then
     the checkpoint's tensors when resuming (under --fsdp also its optimizer state, into resume.optimizer)."""
-    cfg = replace(teacher.config, attention_layers=tuple(attention_layers), tie_word_embeddings=False)
+    options = qrwkv.rwkv7_student_options(teacher.config, attention_layers) if student_kind == "rwkv7" else {}
+    cfg = replace(teacher.config, attention_layers=tuple(attention_layers), tie_word_embeddings=False, **options)
     with torch.device("meta"):
         student = qrwkv.QRWKV(cfg)
     sharding = getattr(teacher, "sharding", None)
@@ -734,8 +742,8 @@ def init_from_teacher(student, teacher, seed: int):
 def init_student(args, d, teacher, train, layers, device, resume: Resume | None) -> qrwkv.QRWKV:
     """The one student: the checkpoint's when resuming; else the SPEC §3 init, calibrated on --calibrate training
     micro-batches (calibrate.py), with auto:K's attention layers chosen by measured damage (`layer_damage`)."""
-    if resume is not None or not args.calibrate:
-        return build_student(teacher, resume.attention_layers if resume else layers, device, resume)
+    if resume is not None or not args.calibrate or args.student == "rwkv7":   # calibrate.py fits the RWKV-6 mixer
+        return build_student(teacher, resume.attention_layers if resume else layers, device, resume, args.student)
     import calibrate
     starts = np.random.default_rng((args.seed, 0)).integers(0, len(train) - args.seq_len, size=args.calibrate)
     batches = [windows(train, [s], args.seq_len, device)[:, :-1] for s in starts]   # the same on every process

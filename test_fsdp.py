@@ -57,23 +57,25 @@ def with_batch(args, B):
 
 
 def test_fsdp_equals_one_process_and_ddp(world, tmp_path, monkeypatch):
-    """Tied Llama teacher, hybrid (layer 1 stays attention), steps 1 and 2 with real learning rates: 2 processes x B 2
+    """Tied Llama teacher, hybrid (layer 1 stays attention), steps 1, 2 and 3 with real learning rates: 2 processes x B 2
     under --fsdp == 1 process x B 4 under --fsdp == 2 processes x B 2 under DDP, every step's loss and gradient norm,
     and the saved models (the 1-process one written in several safetensors files, gathered a tensor at a time)."""
     base = ["--teacher", world["llama"], "--data", world["data"], *with_batch(FAST, 2), "--calibrate", 0, "--steps1", 3,
             "--steps2", 3, "--lr1", 1e-2, "--warmup1", 1, "--lr2", 1e-3, "--min_lr2", 1e-3, "--warmup2", 1,
-            "--attention_layers", 1, "--eval_tokens", 0]
+            "--attention_layers", 1, "--eval_tokens", 0, "--steps3", 1, "--seq_len3", 64, "--batch_size3", 1]
     log = run2(base + ["--fsdp"], tmp_path / "fsdp2")
     line = next(x for x in log.splitlines() if x.startswith("--fsdp: process 0 holds"))
     held = [int(w.replace(",", "")) for w in re.findall(r"\d[\d,]*", line)][1:]   # teacher: local, total; student: same
     assert held[0] <= 0.6 * held[1] and held[2] <= 0.6 * held[3], line          # no process holds a whole model
     run2(base, tmp_path / "ddp2")
     monkeypatch.setattr("convert.FINAL_SHARD_BYTES", 100_000)
-    inproc(with_batch(base, 4) + ["--fsdp", "--out", tmp_path / "fsdp1"])
+    one = with_batch(base, 4)
+    one[one.index("--batch_size3") + 1] = "2"
+    inproc(one + ["--fsdp", "--out", tmp_path / "fsdp1"])
     index = json.loads((tmp_path / "fsdp1" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2 and not (tmp_path / "fsdp1" / "model.safetensors").exists()
     fsdp2, fsdp1, ddp2 = records(tmp_path / "fsdp2"), records(tmp_path / "fsdp1"), records(tmp_path / "ddp2")
-    assert len(fsdp2) == 6 and len({v[0] for v in fsdp2.values()}) == 6
+    assert len(fsdp2) == 7 and len({v[0] for v in fsdp2.values()}) == 7
     assert_close(fsdp2, fsdp1)
     assert_close(fsdp2, ddp2)
     assert_same_model(tmp_path / "fsdp2", tmp_path / "fsdp1")
@@ -89,22 +91,22 @@ def test_fsdp_resume_exact_and_other_world_size(world, tmp_path):
     """Untied Qwen2 teacher, evaluation on: a 1-process --fsdp run stopped inside step 2 and resumed (with activation
     checkpointing, which must not change a bit) equals the uninterrupted run exactly; a checkpoint written by 2
     processes resumes on 1 process and, as HSDP (2 replicas x 1 shard), on 2, both continuing the same losses."""
-    args = ["--teacher", world["qwen"], "--data", world["data"], *FAST, "--calibrate", 0, "--steps1", 3, "--steps2", 3,
-            "--lr1", 1e-2, "--warmup1", 1, "--lr2", 1e-3, "--min_lr2", 1e-3, "--warmup2", 1, "--save_interval", 2, "--fsdp"]
+    args = ["--teacher", world["qwen"], "--data", world["data"], *FAST, "--calibrate", 0, "--steps1", 2, "--steps2", 2,
+            "--lr1", 1e-2, "--warmup1", 1, "--lr2", 1e-3, "--min_lr2", 1e-3, "--warmup2", 1, "--eval_tokens", 128, "--fsdp"]
     inproc(args + ["--out", tmp_path / "full"])
     cut = args + ["--out", tmp_path / "cut"]
-    inproc(cut + ["--stop_after", 4])                       # step 1 done (3), then step 2's first step
+    inproc(cut + ["--stop_after", 3])                       # step 1 done (2), then step 2's first step
     ck = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
     assert (ck["stage"], ck["step"]) == (2, 1) and "model" not in ck and "optimizer" not in ck
     assert sorted(n for n in os.listdir(tmp_path / "cut") if n.startswith("ckpt-")) == [ck["sharded"]["dir"]]
     assert "written with --fsdp" in error_of([a for a in cut if a != "--fsdp"] + ["--resume"])
     inproc(cut + ["--resume", "--activation_checkpointing"])
     full = records(tmp_path / "full")
-    assert records(tmp_path / "cut") == full and len(full) == 6
+    assert records(tmp_path / "cut") == full and len(full) == 4
     assert_same_model(tmp_path / "full", tmp_path / "cut", atol=0)
     # written by 2 processes (B 2 each: the same global batch), resumed by 1 (B 4) and by 2 as HSDP
     two = with_batch(args, 2) + ["--out", tmp_path / "two"]
-    run2(two + ["--stop_after", 4], tmp_path / "two")
+    run2(two + ["--stop_after", 3], tmp_path / "two")
     shutil.copytree(tmp_path / "two", tmp_path / "two_hsdp")
     inproc(with_batch(args, 4) + ["--out", tmp_path / "two", "--resume"])
     log = run2(with_batch(args, 2) + ["--resume", "--hsdp", 2], tmp_path / "two_hsdp")

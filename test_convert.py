@@ -342,3 +342,29 @@ def test_errors_corrupt_teacher_and_old_checkpoint(world, tmp_path):
     inproc(args + ["--out", out, "--stop_after", 1])
     torch.save(dict(model_kind="timemix", numpy_rng=np.random.get_state()), out / "ckpt.pt")
     assert "not resumable" in error_of(args + ["--out", out, "--resume"])
+
+
+def test_rwkv7_student_two_processes(world, tmp_path):
+    """--student rwkv7 (rwkv7qwen2, last layer kept as attention) on 2 processes: step-1 loss and step-2 KL fall,
+    and the result loads as an rwkv7qwen2 model whose recurrent decoding equals its full-sequence forward."""
+    out = tmp_path / "r7"
+    r = cli(["--teacher", world["qwen"], "--data", world["data"], "--out", out, *FAST, "--student", "rwkv7", "--steps1", 30,
+             "--steps2", 30, "--warmup1", 3, "--lr1", 1e-2, "--lr2", 1e-3, "--min_lr2", 1e-3, "--lr2_rest", 1e-3,
+             "--attention_layers", "2", "--eval_interval", 30], nproc=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    losses, ev = train_losses(out), evals(out)
+    l1, l2 = [losses[(1, s)] for s in range(1, 31)], [losses[(2, s)] for s in range(1, 31)]
+    assert np.mean(l1[-5:]) < 0.8 * np.mean(l1[:5]) and np.mean(l2[-5:]) < 0.9 * np.mean(l2[:5]), (l1, l2)
+    assert ev[-1]["kl"] < ev[1]["kl"] < ev[0]["kl"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "rwkv7qwen2"
+    model = qrwkv.load_model(str(out))
+    assert isinstance(model.model.layers[0].self_attn, qrwkv.TimeMix7) and isinstance(model.model.layers[2].self_attn, qrwkv.Attention)
+    ids = torch.randint(0, cfg["vocab_size"], (1, 12))
+    with torch.no_grad():
+        full, state = model(ids)[0], None
+        steps = []
+        for t in range(12):
+            logits, state = model(ids[:, t:t + 1], state=state)
+            steps.append(logits)
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-4

@@ -47,9 +47,9 @@ def cpu_flags(names=BF16_FLAGS + ("avx512f", "avx2")):
     return {n: n in flags for n in names}
 
 
-def matmul_gflops(dtype, M=512, K=576, N=4096, repeats=5, device="cpu"):
+def matmul_gflops(dtype, M=512, K=576, N=576, repeats=3, device="cpu"):
     """GFLOP/s of one (M, K) @ (K, N) matmul in dtype (2·M·K·N flops), median of `repeats` after a warm-up.
-    The default is a slice of the demo's LM head (512 tokens × 576 → 4,096 of its 49,152 outputs)."""
+    The default is one demo projection on 512 tokens (small: emulated bf16 runs it at well under 1 GFLOP/s)."""
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(*s, generator=g).to(device, dtype) for s in ((M, K), (K, N)))
     times = []
@@ -65,7 +65,7 @@ def matmul_gflops(dtype, M=512, K=576, N=4096, repeats=5, device="cpu"):
 def machine_line(device="cpu"):
     """One line: matmul GFLOP/s in fp32 and bf16, and whether the CPU has native bf16 (the flags)."""
     flags = ", ".join(f"{n} {'yes' if v else 'no'}" for n, v in cpu_flags().items())
-    return (f"machine: matmul 512×576 @ 576×4096 {matmul_gflops(torch.float32, device=device):,.1f} GFLOP/s fp32, "
+    return (f"machine: matmul 512×576 @ 576×576 {matmul_gflops(torch.float32, device=device):,.1f} GFLOP/s fp32, "
             f"{matmul_gflops(torch.bfloat16, device=device):,.1f} GFLOP/s bf16; CPU flags: {flags}; "
             f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads")
 
@@ -191,30 +191,42 @@ def bench_kernel(Ts=(512, 2048, 8192), repeats=3):
 # ---------------------------------------------------------------------------------------------
 
 def bench_convert(model_dir=None, batch=1, seq_len=512, repeats=3):
-    """Tokens/s of one convert.py step 1 (teacher forward + time-mix forward/backward) and step 2
-    (teacher forward + student forward/backward with chunked KL) next to the teacher's forward, fp32."""
+    """Tokens/s of convert.py's training micro-steps (forward + backward of its loss functions) next to the teacher's
+    forward, one process: step 1 with a fresh teacher pass and from --cache1's kept targets; step 2 training everything
+    and with --lr2_rest 0 (only the time-mix). Also as a share of what the matmul FLOP count allows at the fp32 rate."""
+    import argparse
     import convert
     model_dir = model_dir or DEMO_TEACHER
     t = qrwkv.load_model(model_dir, dtype=torch.float32).requires_grad_(False)
     x = torch.randint(t.config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     student = convert.build_student(t, (), "cpu", None)
+    run = argparse.Namespace(student=student, teacher=t, args=argparse.Namespace(kl_chunk=256, cache1=0), cache1={})
+    P, P_mix = sum(p.numel() for p in t.parameters()), sum(p.numel() for b in student.model.layers for p in b.self_attn.parameters())
+    flops = dict(teacher=2 * P, step1=2 * P + 6 * P_mix, step1c=6 * P_mix, step2=2 * P + 6 * P, step2f=2 * P + 4 * P + 2 * P_mix)
 
     def teacher_forward():
         with torch.no_grad():
             t(x[:, :-1])
 
-    def step(n, loss):
+    def step(n, loss, rest_scale=1.0, cached=False):
         def fn():
-            convert.trainable(student, n)
-            loss(student, student, t, x, 256).backward()
+            convert.param_groups(student, n, rest_scale)
+            run.args.cache1 = int(cached)
+            loss(student, run, x, 0).backward()
+            student.zero_grad(set_to_none=True)
         return fn
-    step1, step2 = step(1, convert.align_loss), step(2, convert.distill_loss)
 
+    rate = matmul_gflops(torch.float32, M=seq_len) * 1e9
     print(f"## conversion throughput ({model_dir}, B={batch} x T={seq_len}, fp32, {torch.get_num_threads()} threads, "
-          f"median of {repeats} after a warm-up)\n")
-    print("| what | tokens/s | share of teacher forward |\n|---|---|---|")
+          f"median of {repeats} after a warm-up)\n\n{machine_line()}\n")
+    print("| what | tokens/s | share of teacher forward | share of the FLOP bound |\n|---|---|---|---|")
     base = None
-    for name, fn in (("teacher forward", teacher_forward), ("step 1 (alignment)", step1), ("step 2 (distillation)", step2)):
+    rows = (("teacher forward", teacher_forward, "teacher"),
+            ("step 1 (alignment, fresh teacher pass)", step(1, convert.align_loss), "step1"),
+            ("step 1 (alignment, --cache1 targets)", step(1, convert.align_loss, cached=True), "step1c"),
+            ("step 2 (distillation, everything trains)", step(2, convert.distill_loss), "step2"),
+            ("step 2 (distillation, --lr2_rest 0)", step(2, convert.distill_loss, rest_scale=0.0), "step2f"))
+    for name, fn, kind in rows:
         fn()
         times = []
         for _ in range(repeats):
@@ -223,7 +235,7 @@ def bench_convert(model_dir=None, batch=1, seq_len=512, repeats=3):
             times.append(time.perf_counter() - t0)
         tok_s = batch * seq_len / statistics.median(times)
         base = base or tok_s
-        print(f"| {name} | {tok_s:,.0f} | {tok_s / base:.0%} |", flush=True)
+        print(f"| {name} | {tok_s:,.0f} | {tok_s / base:.0%} | {tok_s * flops[kind] / rate:.0%} |", flush=True)
     print()
 
 
@@ -287,14 +299,16 @@ def _decode_latencies(model, contexts, steps, warmup, prefill_chunk, seed=0, lab
 
 
 def bench_decode(model_dir=None, student_dir=None, contexts=(128, 1024, 4096, 16384), steps=16, warmup=4,
-                 prefill_chunk=2048, dtype=torch.float32, device="cpu", teacher=True, verbose=True, decode_threads=1,
+                 prefill_chunk=2048, dtype=None, device="cpu", teacher=True, verbose=True, decode_threads=1,
                  synthetic_state=True):
     """Decode latency table: converted model vs teacher with KV cache. Returns a list of rows
     {context, student_ms, teacher_ms, student_state_bytes, teacher_kv_bytes}.
     decode_threads: torch threads while timing decode steps (prefill uses all). Batch-1 decode is many tiny ops;
     on a shared 2-core machine two OpenMP threads per op made each step 3-20x slower and erratic, 1 is stable.
     synthetic_state: skip the prefill and decode from a random state/KV cache of the right shape (latency
-    depends only on shapes) -- the default; a real prefill to 16k takes 30-55 minutes on 2 CPU cores."""
+    depends only on shapes) -- the default; a real prefill to 16k takes 30-55 minutes on 2 CPU cores.
+    dtype None: qrwkv.auto_dtype's choice for the device (fp32 on CPUs without native bf16)."""
+    dtype, why = qrwkv.auto_dtype(device) if dtype is None else (dtype, "given")
     if model_dir is None and os.path.isdir(DEMO_TEACHER):
         model_dir = DEMO_TEACHER
     t = qrwkv.load_model(model_dir, dtype=dtype, device=device) if model_dir else _tiny_teacher().to(device, dtype)
@@ -302,12 +316,16 @@ def bench_decode(model_dir=None, student_dir=None, contexts=(128, 1024, 4096, 16
     name = model_dir or "tiny random teacher"
     if verbose:
         print(f"decode latency: {name} ({t.config.num_hidden_layers} layers, C {t.config.hidden_size}), "
-              f"{dtype}, decode on {decode_threads or torch.get_num_threads()} thread(s), median of {steps} steps after "
+              f"{dtype} ({why}), decode on {decode_threads or torch.get_num_threads()} thread(s), median of {steps} steps after "
               f"{warmup} warm-up, " + ("synthetic states" if synthetic_state else f"prefill in chunks of {prefill_chunk}"), flush=True)
     kw = dict(decode_threads=decode_threads, synthetic_state=synthetic_state)
-    res_s = _decode_latencies(s, contexts, steps, warmup, prefill_chunk, label="converted" if verbose else None, **kw)
-    del s
-    res_t = _decode_latencies(t, contexts, steps, warmup, prefill_chunk, label="teacher" if verbose else None, **kw) if teacher else {}
+    # synthetic states: the two models alternate context by context, so a change in a shared machine's load
+    # hits both sides of each ratio (a real prefill carries its state from one context to the next instead)
+    res_s, res_t = {}, {}
+    for cs in ([[c] for c in sorted(contexts)] if synthetic_state else [sorted(contexts)]):
+        res_s.update(_decode_latencies(s, cs, steps, warmup, prefill_chunk, label="converted" if verbose else None, **kw))
+        if teacher:
+            res_t.update(_decode_latencies(t, cs, steps, warmup, prefill_chunk, label="teacher" if verbose else None, **kw))
     rows = [dict(context=c, student_ms=res_s[c][0] * 1e3, student_state_bytes=res_s[c][1],
                  teacher_ms=res_t[c][0] * 1e3 if c in res_t else None,
                  teacher_kv_bytes=res_t[c][1] if c in res_t else None) for c in sorted(contexts)]
@@ -324,6 +342,9 @@ def bench_decode(model_dir=None, student_dir=None, contexts=(128, 1024, 4096, 16
               f"(goal <= 1.10); state bytes constant: {len(set(r['student_state_bytes'] for r in rows)) == 1}"
               + ("; faster than the teacher at contexts >= 4096: "
                  + str(all(r['student_ms'] < r['teacher_ms'] for r in rows if r['context'] >= 4096)) if teacher else ""))
+        if teacher:
+            print(f"converted ÷ teacher per-token speed: {first['teacher_ms'] / first['student_ms']:.2f}× at {first['context']} "
+                  f"(goal ≥ 1×), {last['teacher_ms'] / last['student_ms']:.2f}× at {last['context']} (goal ≥ 5×)")
     return rows
 
 

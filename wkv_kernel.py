@@ -82,7 +82,7 @@ def _wkv6_sequential(r, k, v, log_w, u, S):
 # decays far beyond the model's clamp: QRWKV6 clamps log_w >= -5, so chunks of 16 always fit).  The
 # products above the diagonal may overflow; tril selects, so they never reach y or a gradient.
 # Cumulative decays are summed in fp64, so chunk length costs no precision.
-# Tensors: (..., L, N) with ... = (B, H, chunks).
+# Tensors: (nc, B·H, L, N), chunk-major, so every chunk's matmuls are one batched call.
 # ---------------------------------------------------------------------------------------------
 
 _WKV6_SPAN = {torch.float32: 80.0, torch.float64: 600.0}  # factors within e^{±40} (fp32), e^{±300} (fp64)
@@ -118,7 +118,8 @@ class _Chunked(torch.autograd.Function):
         y = torch.matmul(q * em, states[:-1]).add_(A @ v)
         if u is not None:  # classic current token: (r_i ⊙ u · k_i) v_i
             y.addcmul_((r * u * k).sum(-1, keepdim=True), v)
-        ctx.save_for_backward(r, k, v, u, q, kappa, eq, ek, em, A, states)
+        rk = (r, k) if u is not None else (None, None)  # only the classic u term needs r and k again
+        ctx.save_for_backward(*rk, v, u, q, kappa, eq, ek, em, A, states)
         return y, states[-1].clone()
 
     @staticmethod
@@ -129,7 +130,7 @@ class _Chunked(torch.autograd.Function):
         G = torch.empty_like(states)  # G[i] = dL/d states[i]
         G[-1] = dS_last
         torch.matmul(qe.mT, dy, out=G[:-1])  # direct use: y_i = qe_i · S0_i + ...
-        for i in reversed(range(r.shape[0])):
+        for i in reversed(range(v.shape[0])):
             G[i].addcmul_(decay[i], G[i + 1])
         Gn = G[1:]  # dL/d dS_i
         d_qe = dy @ S0.mT

@@ -526,7 +526,8 @@ def lr_at(step, st: Stage):
 def evaluate(d, args, student, teacher, val, device, amp):
     """Teacher and student perplexity, KL(teacher ‖ student) and top-1 agreement on fixed held-out windows."""
     T = min(args.seq_len, len(val) - 1)
-    starts = np.linspace(0, len(val) - T - 1, max(1, args.eval_tokens // T)).astype(np.int64)[d.rank::d.world]
+    n = -(-max(1, args.eval_tokens // T) // (d.world * args.batch_size)) * d.world * args.batch_size   # same batches per process
+    starts = np.linspace(0, len(val) - T - 1, n).astype(np.int64)[d.rank::d.world]
 
     def stats(hs, ht, tgt):
         ls, lt = student.lm_head(hs).float(), teacher.lm_head(ht).float()

@@ -66,7 +66,8 @@ class QRWKVLM(TemplateLM):
     def __init__(self, pretrained: str, dtype: str = "auto", batch_size=16, device: str | None = None,
                  max_length: int | None = None, max_batch_size=None):
         super().__init__()
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cuda" if torch.cuda.is_available() else "cpu"   # lm_eval's CLI passes cuda by default
         if dtype == "auto":
             torch_dtype, why = qrwkv.auto_dtype(device)
         elif dtype in qrwkv.DTYPES:

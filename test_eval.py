@@ -80,9 +80,10 @@ def setup(tmp_path_factory):
     return out
 
 
-def run(model, model_args, setup, tasks=TASKS):
+def run(model, model_args, setup, tasks=TASKS, limit=None):
     from lm_eval.tasks import TaskManager
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, batch_size=2, log_samples=True,
+                                   limit=limit,
                                    task_manager=TaskManager(include_path=setup["tasks"], include_defaults=False),
                                    bootstrap_iters=0)
 
@@ -90,6 +91,11 @@ def run(model, model_args, setup, tasks=TASKS):
 def responses(res, task):
     """{doc_id: the backend's raw answers to the doc's requests}."""
     return {s["doc_id"]: s["resps"] for s in res["samples"][task]}
+
+
+def lls(resps):
+    """The log-likelihoods in one doc's answers: (ll, is_greedy) per choice, or the rolling ll."""
+    return torch.tensor([r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in resps], dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +111,7 @@ def test_loglikelihoods_equal_hf_backend(hf_and_qrwkv):
         a, b = responses(hf, task), responses(ours, task)
         assert a.keys() == b.keys() and len(a) >= 7
         for doc in a:
-            ll_hf = torch.tensor([r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in a[doc]], dtype=torch.float64)
-            ll_q = torch.tensor([r[0][0] if isinstance(r[0], (list, tuple)) else r[0] for r in b[doc]], dtype=torch.float64)
-            torch.testing.assert_close(ll_q, ll_hf, rtol=1e-5, atol=1e-4, msg=f"{task} doc {doc}")
+            torch.testing.assert_close(lls(b[doc]), lls(a[doc]), rtol=1e-5, atol=1e-4, msg=f"{task} doc {doc}")
     # is_greedy too, and the tasks' metrics: identical accuracies, perplexities within fp32 noise
     greedy = lambda res: [r[0][1] for d in sorted(responses(res, "tiny_mc")) for r in responses(res, "tiny_mc")[d]]
     assert greedy(hf) == greedy(ours)
@@ -173,3 +177,17 @@ def test_front_end_errors(setup, tmp_path):
             E.main(argv)
         msg = str(e.value.code)
         assert msg.startswith("eval.py: error: ") and "\n" not in msg and match in msg, msg
+
+
+@pytest.mark.teacher
+def test_demo_teacher_equals_hf_backend(setup):
+    """The real SmolLM2-135M-Instruct (prepare.py): the same log-likelihoods and accuracies."""
+    import prepare
+    teacher = str(prepare.prepare(os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"), quiet=True)[0])
+    hf = run("hf", f"pretrained={teacher},dtype=float32,device=cpu", setup, tasks=["tiny_mc"], limit=8)
+    ours = run("qrwkv", f"pretrained={teacher},dtype=float32", setup, tasks=["tiny_mc"], limit=8)
+    a, b = responses(hf, "tiny_mc"), responses(ours, "tiny_mc")
+    for doc in a:
+        torch.testing.assert_close(lls(b[doc]), lls(a[doc]), rtol=1e-5, atol=1e-4, msg=f"doc {doc}")
+    assert hf["results"]["tiny_mc"]["acc,none"] == ours["results"]["tiny_mc"]["acc,none"]
+    assert hf["results"]["tiny_mc"]["acc_norm,none"] == ours["results"]["tiny_mc"]["acc_norm,none"]

@@ -256,44 +256,55 @@ def _rate(n, seconds):
     return f"{n / seconds:.1f} tokens/s" if n and seconds > 0 else "n/a tokens/s"
 
 
+def tokens_to_feed(tok, text: str, fed: list, fed_text: str) -> list | None:
+    """The ids to prefill for the rendered conversation `text` onto a state that has seen the ids `fed` (which spell
+    `fed_text`): its own tokens past `fed` when they extend `fed` (the state then equals that of prefilling `text`
+    at once); else, when `text` extends `fed_text` (a reply that is not in canonical tokenization), the tokens of
+    the rest of the text, so the state keeps the tokens the model generated; None when the template rewrote the
+    history (e.g. Qwen3 drops old <think> blocks): then everything must be prefilled again."""
+    ids = tok.encode(text, add_special_tokens=False).ids
+    if ids[:len(fed)] == fed:
+        return ids[len(fed):]
+    if text.startswith(fed_text):
+        return tok.encode(text[len(fed_text):], add_special_tokens=False).ids
+    return None
+
+
 def chat(model, tok, template: str, lines, out=sys.stdout, err=sys.stderr, system: str | None = None,
          variables: dict | None = None, show_prompt: bool = False, **gen_kwargs) -> list:
     """Multi-turn chat: each line of `lines` is a user turn ("/reset" starts over, blank lines are skipped). The
-    conversation is rendered whole with the chat template every turn, but only the tokens past what the state has
-    already seen are prefilled onto it -- a time-mix state costs the same per turn however long the conversation
-    (a teacher's KV cache grows). When the history re-tokenizes differently from what was fed (a reply that is not
-    in canonical tokenization, a template that rewrites old turns) the turn starts over from an empty state, so the
-    state always equals that of prefilling the rendered conversation at once. Prints the reply as it is produced
-    and one cost line per turn to `err`. gen_kwargs go to generate_tokens. Returns [(user text, reply ids)]."""
+    conversation is rendered whole with the chat template every turn, but only the tokens the state has not seen
+    (tokens_to_feed) are prefilled onto it -- a time-mix state costs the same per turn however long the
+    conversation (a teacher's KV cache grows). Prints the reply as it is produced and one cost line per turn to
+    `err`. gen_kwargs go to generate_tokens. Returns [(user text, reply ids, ids the state had seen before the reply)]."""
     device = next(model.parameters()).device
     variables = variables or {}
-    messages, fed, state, turns = [], [], None, []
+    messages, fed, fed_text, state, turns = [], [], "", None, []
     for line in lines:
-        text = line.rstrip("\r\n")
-        if text.strip() == "/reset":
-            messages, fed, state = [], [], None
+        user = line.rstrip("\r\n")
+        if user.strip() == "/reset":
+            messages, fed, fed_text, state = [], [], "", None
             print("[reset: new conversation]", file=err, flush=True)
-            continue
-        if text.strip():
-            messages.append({"role": "user", "content": text})
+        elif user.strip():
+            messages.append({"role": "user", "content": user})
             head = [{"role": "system", "content": system}] if system is not None else []
-            ids = tok.encode(render_chat(template, head + messages, **variables), add_special_tokens=False).ids
-            if ids[:len(fed)] != fed:
-                print(f"[the history re-tokenizes differently from what was fed: prefilling all {len(ids)} tokens again]",
-                      file=err, flush=True)
-                fed, state = [], None
-            if len(ids) == len(fed):
+            text = render_chat(template, head + messages, **variables)
+            new = tokens_to_feed(tok, text, fed, fed_text)
+            if new is None:
+                fed, state, new = [], None, tok.encode(text, add_special_tokens=False).ids
+                print(f"[the template rewrote the history: prefilling all {len(new)} tokens again]", file=err, flush=True)
+            if not new:
                 raise GenerateError("the chat template rendered no new tokens for this turn")
-            stats = {}
-            prefilled = prefill(model, torch.tensor([ids[len(fed):]], device=device), state=state, stats=stats)
-            reply = stream_sample(model, tok, ids, out, stats, prefilled=prefilled, **gen_kwargs)
-            state, fed = stats["state"], ids + reply[:stats["decode_steps"]]    # the last token may not be fed yet
-            messages.append({"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)})
-            turns.append((text, reply))
-            print(f"[turn {len(messages) // 2}: prefill {stats['prompt_tokens']} new tokens: "
-                  f"{_rate(stats['prompt_tokens'], stats['prefill_s'])} | decode {stats['new_tokens']} tokens: "
-                  f"{_rate(stats['decode_steps'], stats['decode_s'])} | state {stats['state_bytes']} bytes "
-                  f"at {len(fed)} tokens]", file=err, flush=True)
+            stats, prompt = {}, fed + new
+            prefilled = prefill(model, torch.tensor([new], device=device), state=state, stats=stats)
+            reply = stream_sample(model, tok, prompt, out, stats, prefilled=prefilled, **gen_kwargs)
+            steps = stats["decode_steps"]                      # the last reply token may not be fed yet
+            state, fed, fed_text = stats["state"], prompt + reply[:steps], text + tok.decode(reply[:steps])
+            messages.append({"role": "assistant", "content": tok.decode(reply)})
+            turns.append((user, reply, prompt))
+            print(f"[turn {len(messages) // 2}: prefill {len(new)} new tokens: {_rate(len(new), stats['prefill_s'])} | "
+                  f"decode {stats['new_tokens']} tokens: {_rate(steps, stats['decode_s'])} | state "
+                  f"{stats['state_bytes']} bytes at {len(fed)} tokens]", file=err, flush=True)
         if show_prompt:
             err.write("> ")
             err.flush()

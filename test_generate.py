@@ -297,42 +297,54 @@ def letters_only(model, tok):
     return model
 
 
-def run_chat(model, tok, eos, script=SCRIPT):
+LAST_ONLY = ("{% for m in messages[-1:] %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")   # rewrites the history every turn
+
+
+def run_chat(model, tok, eos, template=SMOL_TEMPLATE, script=SCRIPT):
     err = io.StringIO()
-    turns = G.chat(model, tok, SMOL_TEMPLATE, io.StringIO(script), out=io.StringIO(), err=err, max_new_tokens=12,
+    turns = G.chat(model, tok, template, io.StringIO(script), out=io.StringIO(), err=err, max_new_tokens=12,
                    eos_ids=eos, temperature=0.0)
     return turns, err.getvalue()
 
 
 @pytest.mark.parametrize("kind", ["converted", "teacher"])
-@pytest.mark.parametrize("incremental", [True, False], ids=["incremental", "re-prefill"])
-def test_chat_equals_prefilling_the_whole_conversation(dirs, tmp_path, kind, incremental):
+@pytest.mark.parametrize("mode", ["canonical", "own-tokens", "rewritten"])
+def test_chat_equals_prefilling_at_once(dirs, tmp_path, kind, mode):
+    """Each turn's greedy reply equals decoding after prefilling, at once, what the state was carried to: the whole
+    rendered conversation when the replies re-tokenize to their own ids ("canonical") or the template rewrites the
+    history (then re-prefilled); the model's own reply ids followed by the rest of the text otherwise."""
     d = tmp_path / kind
     shutil.copytree(dirs[kind], d)
-    tok = make_tokenizer(str(d), merges=())          # bytes only: letters re-tokenize to themselves
+    tok = make_tokenizer(str(d), merges=()) if mode == "canonical" else G.load_tokenizer(str(d), 10**6)
     model = qrwkv.load_model(str(d), dtype=torch.float32)
-    if incremental:
+    if mode == "canonical":                          # bytes only, and letters only: replies re-tokenize to themselves
         model = letters_only(model, tok)
     eos = G.eos_token_ids(str(d), tok)
-    turns, log = run_chat(model, tok, eos)
+    template = LAST_ONLY if mode == "rewritten" else SMOL_TEMPLATE
+    turns, log = run_chat(model, tok, eos, template)
     assert [t[0] for t in turns] == ["hello there", "the cat sat", "what now?"]
-    messages, fed, states = [], 0, []
-    for i, (user, reply) in enumerate(turns):
+    messages, seen, states = [], [], []
+    for i, (user, reply, prompt) in enumerate(turns):
         messages.append({"role": "user", "content": user})
-        ids = tok.encode(G.render_chat(SMOL_TEMPLATE, messages), add_special_tokens=False).ids
-        assert list(G.generate_tokens(model, ids, 12, temperature=0.0, eos_ids=eos)) == reply, i
+        text = G.render_chat(template, messages)
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert list(G.generate_tokens(model, prompt, 12, temperature=0.0, eos_ids=eos)) == reply, i
         m = re.search(rf"\[turn {i + 1}: prefill (\d+) new tokens: .* \| state (\d+) bytes at (\d+) tokens\]", log)
-        prefilled, state_bytes, seen = int(m[1]), int(m[2]), int(m[3])
-        # incremental: only this turn's new tokens went in; else the history was refed from scratch
-        assert prefilled == (len(ids) - fed if incremental and i else len(ids)), (i, prefilled, len(ids), fed)
-        assert seen == len(ids) + len(reply) - (len(reply) == 12)       # the 12th token is fed with the next turn
-        fed = seen
-        states.append(state_bytes)
+        prefilled, states = int(m[1]), states + [int(m[2])]
+        if mode == "rewritten":
+            assert prompt == ids and prefilled == len(ids)                         # all again, every turn
+        else:
+            assert prompt[:len(seen)] == seen and prefilled == len(prompt) - len(seen)   # the carried state + new
+            assert (prompt == ids) == (mode == "canonical") or i == 0, i
+            assert tok.decode(prompt, skip_special_tokens=False) == text          # the fed ids spell the conversation
+        seen = prompt + (reply[:11] if len(reply) == 12 else reply)                # a 12th is fed next turn
+        assert int(m[3]) == len(seen)
         messages.append({"role": "assistant", "content": tok.decode(reply)})
-    assert ("re-tokenizes differently" in log) == (not incremental), log
-    assert all(len(r) > 3 for _, r in turns) if incremental else True
-    # a time-mix state has one size whatever the conversation's length; a KV cache grows with it
-    assert (states[0] == states[1] == states[2]) == (kind == "converted"), states
+    assert log.count("rewrote the history") == (2 if mode == "rewritten" else 0), log
+    assert all(len(t[1]) > 3 for t in turns)
+    if mode != "rewritten":  # a time-mix state has one size whatever the conversation's length; a KV cache grows
+        assert (states[0] == states[1] == states[2]) == (kind == "converted"), states
 
 
 def test_cli_chat_reset_and_eof(dirs):

@@ -291,7 +291,8 @@ class TimeMix(QKVO):
         r, k, v = self.project(x_r, x_k, x_v)
         g = torch.sigmoid(self.gate(x_g))
         # 3. decay: log w = max(-exp(time_decay + tanh(x_w W1) W2), -5), per channel, fp32, never log(w)
-        d = torch.addmm(self.time_decay.view(1, -1), torch.tanh(x_w @ self.time_decay_w1).view(B * T, -1), self.time_decay_w2)
+        # (the fp32 bias added outside the matmul: under bf16 autocast an addmm would round time_decay to bf16)
+        d = self.time_decay + torch.tanh(x_w @ self.time_decay_w1) @ self.time_decay_w2
         log_w = d.float().exp().clamp(max=5.0).neg().view(B, T, self.H, self.N)
         # 4. optional RoPE; GQA: k and v repeated to H heads (k in one pass with the balancing k·(1 − w))
         if self.use_rope:

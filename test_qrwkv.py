@@ -144,6 +144,27 @@ def test_recurrent_state_equals_full_sequence(tmp_path, family, attention_layers
                 assert entry[0].shape == (2, 1, C) and entry[1].shape == (2, H, student.config.head_dim, student.config.head_dim)
 
 
+def test_decay_stays_fp32_under_bf16_autocast(monkeypatch):
+    """Under bf16 autocast the projections run in bf16 but the decay exponent does not: with the decay LoRA at
+    zero, log_w = max(-exp(time_decay), -5) is bit-identical to the fp32 run's (time_decay not rounded to bf16)."""
+    cfg = qrwkv.Config.from_dict(dict(model_type="llama", vocab_size=VOCAB, hidden_size=C, intermediate_size=96,
+                                      num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=HK))
+    torch.manual_seed(0)
+    tm = qrwkv.TimeMix(cfg, 1)
+    with torch.no_grad():
+        tm.time_decay.add_(0.01 * torch.randn_like(tm.time_decay))  # values bf16 cannot hold exactly
+        tm.time_decay_w2.zero_()
+    seen, real = [], qrwkv.wkv6
+    monkeypatch.setattr(qrwkv, "wkv6", lambda r, k, v, log_w, **kw: (seen.append(log_w), real(r, k, v, log_w, **kw))[1])
+    x = torch.randn(2, 5, C)
+    with torch.no_grad():
+        tm(x, None, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tm(x, None, None)
+    expected = (-tm.time_decay.detach().exp()).clamp(min=-5.0).view(1, 1, H, -1).expand(2, 5, H, -1)
+    assert seen[1].dtype == torch.float32 and torch.equal(seen[0], expected) and torch.equal(seen[1], expected)
+
+
 def test_save_and_load_converted_model(tmp_path):
     _, path = hf_teacher(tmp_path, "llama")           # tied head stays tied through save/load
     student = qrwkv.student_from_teacher(qrwkv.load_model(path), attention_layers=(2,))

@@ -953,6 +953,16 @@ def train_stage(run: Run, st: Stage, start: int, opt_state, first_eval: bool, bu
                    f"{tokens_per_step / dt_ema:.0f} tok/s | ETA {fmt_time(dt_ema * (st.steps - step - 1))}")
 
 
+def check_data(args, meta, stages):
+    """Refusals that need the tokenised data: at least one batch per stage to run, and a held-out split."""
+    for st in stages:
+        if len(meta["train"]) < st.B * (st.T + 1):
+            raise ConvertError(f"data {args.data}: {len(meta['train'])} training tokens, fewer than one batch of step {st.n} "
+                               f"({st.B} x ({st.T} + 1)); add text or lower --seq_len")
+    if len(meta["val"]) < 2:
+        raise ConvertError(f"data {args.data}: held-out split has {len(meta['val'])} tokens; raise --val_fraction or add documents")
+
+
 def stages_to_run(args, resume: Resume | None) -> list:
     """[(stage, first step)] for this invocation, from --stage, --steps3 and the checkpoint's position."""
     wanted = [1, 2] + ([3] if args.steps3 > 0 else []) if args.stage == "all" else [int(args.stage)]
@@ -1007,12 +1017,7 @@ def main(argv=None):
         meta = prepare_data(d, args.data, args.teacher, args.out, key)
         plan = stage_plan(args, len(meta["train"]))
         todo = stages_to_run(args, resume)
-        for s, _ in todo:
-            if len(meta["train"]) < plan[s].B * (plan[s].T + 1):
-                raise ConvertError(f"data {args.data}: {len(meta['train'])} training tokens, fewer than one batch of step {s} "
-                                   f"({plan[s].B} x ({plan[s].T} + 1)); add text or lower --seq_len")
-        if len(meta["val"]) < 2:
-            raise ConvertError(f"data {args.data}: held-out split has {len(meta['val'])} tokens; raise --val_fraction or add documents")
+        check_data(args, meta, [plan[s] for s, _ in todo])
         if resume is None:
             torch.manual_seed(args.seed)
         else:

@@ -13,7 +13,9 @@ layer its normalised attention input x, its per-head attention output z (the inp
   readout    "channel": per key channel n of head h a weight c_hn, least squares of the student's per-channel
              contributions onto z_h, folded into q_proj's rows (r_n scales channel n's contribution; this also
              absorbs the gate's σ(0) = 0.5 start); then, with "channel" or "head", per-head amplitudes α_h by
-             least squares onto y, folded into o_proj's columns; "gate": o_proj × 2 (the 0.5 start undone);
+             least squares onto y, folded into o_proj's columns; "gate": o_proj × 2 (the 0.5 start undone).
+             With q/k norms (Qwen3) or use_rope a per-channel scale of r cannot be folded into q_proj, so
+             "channel" falls back to "head" there;
   refit_o    optionally o_proj re-fitted by ridge regression (towards its current value) onto y.
 
 Everything lands in tensors the rwkv6qwen2 format already has (time_decay, q_proj, o_proj), so the calibrated
@@ -278,7 +280,7 @@ def check_fresh(tm: qrwkv.TimeMix, i: int):
                          f"calibrate a fresh student")
 
 
-def calibrate_student(student: qrwkv.QRWKV, teacher: qrwkv.QRWKV, batches, decay="search", readout="channel",
+def calibrate_student(student: qrwkv.QRWKV, teacher: qrwkv.QRWKV, batches, decay="distance", readout="channel",
                       refit_o=False, spread=1.0, ridge=1e-3) -> dict:
     """Calibrate every time-mix block of `student` (layers not in student.config.attention_layers) in place on the
     teacher's attention over `batches` (list of (B, T) LongTensor, training text). Options: decay "spec" |

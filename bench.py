@@ -161,10 +161,9 @@ def bench_kernel(Ts=(512, 2048, 8192), repeats=3):
             seq = {}
             for device, backend, train in rows:
                 slow = backend == "sequential"
-                reps = 1 if slow else repeats
                 t = min(T, SEQ_PREFIX) if slow else T  # the loop runs on a prefix only
-                fwd = _tokens_per_s(backend, t, dtype, device, False, reps)
-                both = _tokens_per_s(backend, t, dtype, device, True, reps) if train else None
+                fwd = _tokens_per_s(backend, t, dtype, device, False, repeats)
+                both = _tokens_per_s(backend, t, dtype, device, True, 1 if slow else repeats) if train else None
                 mem = [_peak_mib(backend, t, dtype, device, False),
                        _peak_mib(backend, t, dtype, device, True) if train else None]
                 if slow:
@@ -178,8 +177,8 @@ def bench_kernel(Ts=(512, 2048, 8192), repeats=3):
                       f"{fmt(ratio(fwd, seq[device][0]), '{:.1f}')} | {fmt(ratio(both, seq[device][1]), '{:.1f}')} |",
                       flush=True)
     print(f"\n\\* the sequential loop ran on the first {SEQ_PREFIX} tokens only (tokens/s and peak memory "
-          f"are for that prefix).  The sequential rows are one timed run after "
-          f"a 64-token warm-up, the others the median of {repeats}.  ×seq = tokens/s over the sequential row "
+          f"are for that prefix).  The sequential forward+backward is one timed run after "
+          f"a 64-token warm-up, every other figure the median of {repeats}.  ×seq = tokens/s over the sequential row "
           f"of the same dtype, T and device.  The cuda backend is forward-only (training uses chunked).")
     if goal:
         print(f"fp32, T=2048, chunked ÷ sequential: forward+backward {goal['both']:.1f}× (goal ≥ 20×), "

@@ -18,6 +18,17 @@ layer its normalised attention input x, its per-head attention output z (the inp
              "channel" falls back to "head" there;
   refit_o    optionally o_proj re-fitted by ridge regression (towards its current value) onto y.
 
+Measured on SmolLM2-135M-Instruct (calibration: the first 2 x 512 tokens of the training documents; evaluation:
+4 x 512 tokens of the last 5% of documents; teacher perplexity 13.5). Step-0 alignment loss / median per-layer
+relative error / student perplexity / KL / top-1 agreement:
+  plain SPEC §3 init                      3.64 / 1.62 / 1.35M / 11.6 / 1.8%
+  readout "gate" (o_proj x 2)             6.64 / 3.07 / 6.1M  / 13.2 / 0.8%   (the plain output is already too big)
+  readout "head"                          1.38 / 0.90 / 4379  / 6.00 / 4.1%
+  readout "channel"                       1.19 / 0.78 / 253   / 3.11 / 24.3%
+  decay "distance" + "channel"            1.05 / 0.70 / 186   / 2.80 / 27.7%
+  decay "search" + "channel" (default)    0.96 / 0.66 / 93    / 2.09 / 33.9%  (7 decay candidates: ~7x the cost)
+After 24 steps of step 1 (AdamW 1e-3): plain 1.58 / 0.83 / 92k / 9.08 / 2.9%; "channel" 1.03 / 0.69 / 245 / 3.05 / 24.2%.
+
 Everything lands in tensors the rwkv6qwen2 format already has (time_decay, q_proj, o_proj), so the calibrated
 student saves and loads like any other. Calibrate on training text only, never on the held-out split.
 
@@ -280,7 +291,7 @@ def check_fresh(tm: qrwkv.TimeMix, i: int):
                          f"calibrate a fresh student")
 
 
-def calibrate_student(student: qrwkv.QRWKV, teacher: qrwkv.QRWKV, batches, decay="distance", readout="channel",
+def calibrate_student(student: qrwkv.QRWKV, teacher: qrwkv.QRWKV, batches, decay="search", readout="channel",
                       refit_o=False, spread=1.0, ridge=1e-3) -> dict:
     """Calibrate every time-mix block of `student` (layers not in student.config.attention_layers) in place on the
     teacher's attention over `batches` (list of (B, T) LongTensor, training text). Options: decay "spec" |

@@ -64,7 +64,7 @@ def test_channel_features_sum_to_time_mix_output(teacher):
     torch.testing.assert_close(tm.o_proj(F.sum(3).flatten(2).float()), y, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("options", [dict(), dict(decay="search"), dict(decay="spec", readout="head")])
+@pytest.mark.parametrize("options", [dict(), dict(decay="distance"), dict(decay="spec", readout="head")])
 def test_calibration_lowers_held_out_alignment_loss(teacher, options):
     plain = qrwkv.student_from_teacher(teacher).float()
     student = qrwkv.student_from_teacher(teacher).float()

@@ -148,7 +148,7 @@ def test_ddp_equals_single_process(world, tmp_path):
     Step 1 runs with lr 0 so step 2 starts from the same student. Qwen2 teacher (q/k/v biases, untied head),
     hybrid: layer 1 stays attention."""
     base = ["--teacher", world["qwen"], "--data", world["data"], *FAST, "--steps1", 2, "--steps2", 1, "--lr1", 0,
-            "--min_lr1", 0, "--lr2", 1e-3, "--warmup2", 0, "--attention_layers", "1", "--eval_tokens", 0]
+            "--min_lr1", 0, "--lr2", 1e-3, "--lr2_rest", 1e-3, "--warmup2", 0, "--attention_layers", "1", "--eval_tokens", 0]
     base[base.index("--batch_size") + 1] = "2"
     r = cli(base + ["--out", tmp_path / "ddp"], nproc=2)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

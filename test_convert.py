@@ -176,7 +176,7 @@ def test_resume_is_exact(world, tmp_path):
     after a resume) and a frozen rest in step 2: identical losses and final weights."""
     args = ["--teacher", world["llama"], "--data", world["data"], *FAST, "--steps1", 6, "--steps2", 6,
             "--save_interval", 2, "--eval_tokens", 0, "--calibrate", 2, "--attention_layers", "auto:1", "--cache1", 3,
-            "--lr2_rest", 0]
+            "--lr2_rest", 0, "--min_lr2", 1e-3]     # flat step-2 lr: a longer run extends exactly (below)
     inproc(args + ["--out", tmp_path / "full"])
     cut = args + ["--out", tmp_path / "cut"]
     inproc(cut + ["--stop_after", 3])                  # stops in step 1 at step 3

@@ -166,7 +166,7 @@ def test_short_real_conversion_lowers_alignment_loss(demo, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "convert.py", "--teacher", str(demo[0]), "--data", str(data), "--out", str(out),
            "--stage", "1", "--steps1", "8", "--warmup1", "2", "--lr1", "3e-3", "--seq_len", "128", "--batch_size", "2", "--grad_accum", "1",
-           "--eval_tokens", "256", "--log_interval", "1"]
+           "--eval_tokens", "256", "--log_interval", "1", "--calibrate", "0", "--cache1", "0"]   # step 1 from the SPEC §3 init
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parent, capture_output=True, text=True)
     losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)

@@ -34,16 +34,11 @@ from wkv_kernel import wkv6, wkv7
 
 KERNEL_SHAPE = dict(B=1, H=9, N=64)
 SEQ_PREFIX = 2048  # the sequential loop runs on at most this many tokens
-BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # native bf16 matmul units (qrwkv.auto_dtype picks bf16 only with one)
 
 
-def cpu_flags(names=BF16_FLAGS + ("avx512f", "avx2")):
-    """{flag: present} for the given /proc/cpuinfo flags (all False where there is no /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
-    except OSError:
-        flags = set()
+def cpu_flags(names=qrwkv.BF16_FLAGS + ("avx512f", "avx2")):
+    """{flag: present} for the given CPU flags (qrwkv.auto_dtype picks bf16 only with a native bf16 one)."""
+    flags = qrwkv.cpu_flags()
     return {n: n in flags for n in names}
 
 

@@ -774,7 +774,8 @@ def init_student(args, d, teacher, train, layers, device, resume: Resume | None)
 def layer_damage(student, teacher, batches, chunk) -> list:
     """For each converted layer i: mean per-token KL(teacher ‖ teacher with only layer i's attention replaced by the
     student's time-mix) on `batches` (training text). Layers 0-1 are known to be the most fragile (SPEC §7)."""
-    damage = []
+    damage, base = [], [teacher(ids, return_hidden=True)[0] for ids in batches]   # the teacher's own, computed once
+    kl = lambda a, b: kl_divergence(teacher.lm_head(a), teacher.lm_head(b))
     for i in range(teacher.config.num_hidden_layers):
         if i in student.config.attention_layers:
             damage.append(0.0)
@@ -782,11 +783,9 @@ def layer_damage(student, teacher, batches, chunk) -> list:
         mix = student.model.layers[i].self_attn
         swap = lambda mod, a, out: (mix(*a[:3], None)[0].to(out[0].dtype), out[1])
         total = n = 0
-        for ids in batches:
-            ht, _ = teacher(ids, return_hidden=True)
+        for ids, ht in zip(batches, base):
             with teacher.model.layers[i].self_attn.register_forward_hook(swap):
                 hs, _ = teacher(ids, return_hidden=True)
-            kl = lambda a, b: kl_divergence(teacher.lm_head(a), teacher.lm_head(b))
             total, n = total + chunked_over_tokens(kl, hs, ht, chunk=chunk).item(), n + ids.numel()
         damage.append(total / n)
     return damage

@@ -399,10 +399,10 @@ def eval_tokens(args, d):
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(os.path.join(args.teacher, "tokenizer.json"))
     docs = prepare.read_documents(prepare.data_files(args.eval_text))
-    ids = [t for enc in tok.encode_batch(docs, add_special_tokens=False) for t in enc.ids + [prepare.eos_id(args.teacher)]]
+    ids = np.concatenate(prepare.tokenize_documents(docs, tok, prepare.eos_id(args.teacher)) or [np.zeros(0, np.uint32)])
     if len(ids) < 2:
         raise ConvertError(f"--eval_text {args.eval_text}: fewer than 2 tokens")
-    return np.asarray(ids, dtype=np.uint32)
+    return ids
 
 
 def windows(data, starts, T, device) -> torch.Tensor:

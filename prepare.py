@@ -168,13 +168,16 @@ def data_key(data_path: str, teacher_dir: str, val_fraction: float) -> dict:
                 val_fraction=val_fraction, eos=eos_id(teacher_dir), format=1)
 
 
+def tokenize_documents(docs: list, tok, eos: int) -> list:
+    """One uint32 token array per document, EOS appended (512 documents per encode_batch call)."""
+    return [np.asarray(enc.ids + [eos], dtype=np.uint32)
+            for i in range(0, len(docs), 512) for enc in tok.encode_batch(docs[i:i + 512], add_special_tokens=False)]
+
+
 def tokenize_split(docs: list, tok, eos: int, val_fraction: float):
     """(train, val, how): token arrays with EOS after each document; whole documents are held out (the last
     val_fraction of them), or the tail of a single document."""
-    ids = []
-    for i in range(0, len(docs), 512):
-        for enc in tok.encode_batch(docs[i:i + 512], add_special_tokens=False):
-            ids.append(np.asarray(enc.ids + [eos], dtype=np.uint32))
+    ids = tokenize_documents(docs, tok, eos)
     if len(ids) >= 2:
         n_val = min(max(1, round(val_fraction * len(ids))), len(ids) - 1)
         return np.concatenate(ids[:-n_val]), np.concatenate(ids[-n_val:]), n_val

@@ -20,7 +20,7 @@ import torch
 import qrwkv
 from test_convert import FAST, cli, error_of, inproc, train_losses
 
-RTOL, WTOL = 1e-5, 1e-4
+RTOL, WTOL = 1e-5, 2.5e-4   # weights: one AdamW step moves them by ~lr (1e-3 here), a wrong or missing update shows
 TIMEOUT = 240
 
 

@@ -384,7 +384,7 @@ def test_stream_skips_special_tokens(tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 def test_cli_end_to_end(dirs):
-    model, tok = load(dirs["converted"])
+    model, tok = G.load(dirs["converted"], dtype=qrwkv.auto_dtype("cpu")[0])   # the dtype generate.py --dtype auto picks
     text = G.render_chat(SMOL_TEMPLATE, [{"role": "user", "content": "héllo"}])
     with torch.inference_mode():
         _, state = model(torch.tensor([tok.encode(text, add_special_tokens=False).ids]))

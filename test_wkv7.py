@@ -200,3 +200,16 @@ def test_bad_shapes_raise():
         wkv7(xs[0], xs[1][:, :4], *xs[2:6])
     with pytest.raises(ValueError, match="backend"):
         wkv7(*xs[:6], backend="cuda")
+
+
+def test_autocast_does_not_reach_the_recurrence():
+    """Under the student's bf16 autocast, wkv7's chunked matmuls (solve, WY products) must stay fp32."""
+    xs = [x.float().requires_grad_() for x in make(70, seed=12)]
+    def out_and_grads(autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, S = wkv7(*xs)
+            loss = (y * torch.linspace(-1, 1, y.shape[-1])).sum() + S.square().sum()
+        return [y, S, *torch.autograd.grad(loss, xs)]
+    for a, b in zip(out_and_grads(True), out_and_grads(False)):
+        assert a.dtype == torch.float32
+        close(a, b, 1e-6)

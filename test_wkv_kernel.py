@@ -333,3 +333,20 @@ def test_rwkv_package_x060_oracle():
         out = F.group_norm(y.reshape(T, C), h, lx_w, lx_b, eps=64e-5) * F.silu(xx @ gw) @ ow
         close(x + out, out_pkg, 1e-4)
         close(S[0], S_pkg, 1e-5)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_autocast_does_not_reach_the_recurrence(form):
+    """convert.py runs the student under bf16 autocast: wkv6 (forward and its custom backward, which runs under the
+    caller's autocast state) must still do fp32 math, giving what it gives without autocast."""
+    r, k, v, log_w, u, S0 = (x.float().requires_grad_() for x in make(70, seed=11))
+    u = u if form == "classic" else None
+    def out_and_grads(autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, S = wkv6(r, k, v, log_w, u, S0)
+            loss = (y * torch.linspace(-1, 1, y.shape[-1])).sum() + S.square().sum()
+        grads = torch.autograd.grad(loss, [x for x in (r, k, v, log_w, u, S0) if x is not None])
+        return [y, S, *grads]
+    for a, b in zip(out_and_grads(True), out_and_grads(False)):
+        assert a.dtype == torch.float32
+        close(a, b, 1e-6)

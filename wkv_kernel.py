@@ -31,6 +31,7 @@ a direct one-step update in every torch backend.
     python -m pytest test_wkv_kernel.py
     python bench.py --only kernel
 """
+import functools
 import hashlib
 import os
 import sys
@@ -85,6 +86,17 @@ def _wkv6_sequential(r, k, v, log_w, u, S):
 # Tensors: (nc, B·H, L, N), chunk-major, so every chunk's matmuls are one batched call.
 # ---------------------------------------------------------------------------------------------
 
+def _fp32_math(fn):
+    """Run fn with autocast off: the recurrences do their own dtype handling (fp32 state, fp32 decay exponents),
+    and under a caller's bf16 autocast their matmuls would otherwise drop to bf16 (and `out=` buffers clash)."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        x = next(a for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 _WKV6_SPAN = {torch.float32: 80.0, torch.float64: 600.0}  # factors within e^{±40} (fp32), e^{±300} (fp64)
 
 
@@ -123,6 +135,7 @@ class _Chunked(torch.autograd.Function):
         return y, states[-1].clone()
 
     @staticmethod
+    @_fp32_math   # the backward runs under the autocast state of the forward's caller
     def backward(ctx, dy, dS_last):
         r, k, v, u, q, kappa, eq, ek, em, A, states = ctx.saved_tensors
         dy = dy.contiguous()  # arrives as a permuted view of y's gradient; matmuls would copy it each time
@@ -308,6 +321,7 @@ def _wkv6_cuda(mod, r, k, v, log_w, u, S):
 # Public entry point
 # ---------------------------------------------------------------------------------------------
 
+@_fp32_math
 def wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=16):
     """(y, new_state) of the WKV6 recurrence; see the module docstring for shapes and the math."""
     if r.dim() != 4 or not (r.shape == k.shape == v.shape == log_w.shape):
@@ -454,6 +468,7 @@ def _wkv7_chunk_len(log_w, chunk_size, dt):
     return chunk_size if strongest * chunk_size <= _WKV7_SPAN[dt] else int(_WKV7_SPAN[dt] // strongest)
 
 
+@_fp32_math
 def wkv7(r, k, v, log_w, a, b, state=None, backend=None, chunk_size=32):
     """(y, new_state) of the WKV7 recurrence S_t = (diag(w_t) + b_t a_tᵀ) S_{t-1} + k_t v_tᵀ, y_t = S_tᵀ r_t.
 

@@ -187,16 +187,40 @@ def bench_kernel(Ts=(512, 2048, 8192), repeats=3):
 def bench_convert(model_dir=None, batch=1, seq_len=512, repeats=3):
     """Tokens/s of convert.py's training micro-steps (forward + backward of its loss functions) next to the teacher's
     forward, one process: step 1 with a fresh teacher pass and from --cache1's kept targets; step 2 training everything
-    and with --lr2_rest 0 (only the time-mix). Also as a share of what the matmul FLOP count allows at the fp32 rate."""
+    and with --lr2_rest 0 (only the time-mix). In fp32 and, where the CPU has native bf16, as convert.py's bf16 runs
+    them (bf16 teacher, student under bf16 autocast with fp32 master weights); also as a share of what the matmul
+    FLOP count allows at that dtype's matmul rate."""
     import argparse
     import convert
     model_dir = model_dir or DEMO_TEACHER
-    t = qrwkv.load_model(model_dir, dtype=torch.float32).requires_grad_(False)
+    dtypes = [torch.float32] + [torch.bfloat16] * (qrwkv.cpu_has_native_bf16() or torch.cuda.is_available())
+    print(f"## conversion throughput ({model_dir}, B={batch} x T={seq_len}, {torch.get_num_threads()} threads, "
+          f"median of {repeats} after a warm-up)\n\n{machine_line()}\n")
+    rows = ("teacher forward", "step 1 (alignment, fresh teacher pass)", "step 1 (alignment, --cache1 targets)",
+            "step 2 (distillation, everything trains)", "step 2 (distillation, --lr2_rest 0)")
+    results = {dt: _convert_rates(model_dir, dt, batch, seq_len, repeats) for dt in dtypes}
+    names = [str(dt).removeprefix("torch.") for dt in dtypes]
+    print("| what | " + " | ".join(f"{n} tokens/s | {n} share of its teacher forward | {n} share of its FLOP bound" for n in names)
+          + (" | bf16 ÷ fp32 |" if len(dtypes) > 1 else " |"))
+    print("|---|" + "---|" * (3 * len(dtypes) + (len(dtypes) > 1)))
+    for i, name in enumerate(rows):
+        cells = [f"{results[dt][i][0]:,.0f} | {results[dt][i][0] / results[dt][0][0]:.0%} | {results[dt][i][1]:.0%}" for dt in dtypes]
+        ratio = f" | {results[dtypes[-1]][i][0] / results[dtypes[0]][i][0]:.2f}×" if len(dtypes) > 1 else ""
+        print(f"| {name} | " + " | ".join(cells) + ratio + " |", flush=True)
+    print()
+
+
+def _convert_rates(model_dir, dtype, batch, seq_len, repeats):
+    """[(tokens/s, share of the FLOP bound)] of bench_convert's rows, in one compute dtype."""
+    import argparse
+    import convert
+    t = qrwkv.load_model(model_dir, dtype=dtype).requires_grad_(False)
     x = torch.randint(t.config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     student = convert.build_student(t, (), "cpu", None)
     run = argparse.Namespace(student=student, teacher=t, args=argparse.Namespace(kl_chunk=256, cache1=0), cache1={})
     P, P_mix = sum(p.numel() for p in t.parameters()), sum(p.numel() for b in student.model.layers for p in b.self_attn.parameters())
-    flops = dict(teacher=2 * P, step1=2 * P + 6 * P_mix, step1c=6 * P_mix, step2=2 * P + 6 * P, step2f=2 * P + 4 * P + 2 * P_mix)
+    flops = [2 * P, 2 * P + 6 * P_mix, 6 * P_mix, 2 * P + 6 * P, 2 * P + 4 * P + 2 * P_mix]
+    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)   # as convert.py's Run.amp
 
     def teacher_forward():
         with torch.no_grad():
@@ -206,21 +230,16 @@ def bench_convert(model_dir=None, batch=1, seq_len=512, repeats=3):
         def fn():
             convert.param_groups(student, n, rest_scale)
             run.args.cache1 = int(cached)
-            loss(student, run, x, 0).backward()
+            with amp():
+                out = loss(student, run, x, 0)
+            out.backward()
             student.zero_grad(set_to_none=True)
         return fn
 
-    rate = matmul_gflops(torch.float32, M=seq_len) * 1e9
-    print(f"## conversion throughput ({model_dir}, B={batch} x T={seq_len}, fp32, {torch.get_num_threads()} threads, "
-          f"median of {repeats} after a warm-up)\n\n{machine_line()}\n")
-    print("| what | tokens/s | share of teacher forward | share of the FLOP bound |\n|---|---|---|---|")
-    base = None
-    rows = (("teacher forward", teacher_forward, "teacher"),
-            ("step 1 (alignment, fresh teacher pass)", step(1, convert.align_loss), "step1"),
-            ("step 1 (alignment, --cache1 targets)", step(1, convert.align_loss, cached=True), "step1c"),
-            ("step 2 (distillation, everything trains)", step(2, convert.distill_loss), "step2"),
-            ("step 2 (distillation, --lr2_rest 0)", step(2, convert.distill_loss, rest_scale=0.0), "step2f"))
-    for name, fn, kind in rows:
+    rate = matmul_gflops(dtype, M=seq_len) * 1e9
+    out = []
+    for fn, f in zip((teacher_forward, step(1, convert.align_loss), step(1, convert.align_loss, cached=True),
+                      step(2, convert.distill_loss), step(2, convert.distill_loss, rest_scale=0.0)), flops):
         fn()
         times = []
         for _ in range(repeats):
@@ -228,9 +247,8 @@ def bench_convert(model_dir=None, batch=1, seq_len=512, repeats=3):
             fn()
             times.append(time.perf_counter() - t0)
         tok_s = batch * seq_len / statistics.median(times)
-        base = base or tok_s
-        print(f"| {name} | {tok_s:,.0f} | {tok_s / base:.0%} | {tok_s * flops[kind] / rate:.0%} |", flush=True)
-    print()
+        out.append((tok_s, tok_s * f / rate))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -170,8 +170,9 @@ def residuals(G, b, zz, per_channel, ridge):
 def teacher_attention_distance(attn: qrwkv.Attention, x, cos, sin, skip_first=True):
     """Mean distance t − s of each head's softmax attention, averaged over queries t ≥ 1; with skip_first the
     first position (an attention sink in most LLMs: weight without content) is left out and P renormalised."""
+    x = x.to(attn.q_proj.weight.dtype)     # the teacher may be bf16; the distances are computed in fp32
     q, k, _ = attn.project(x, x, x)
-    q, k = qrwkv.apply_rope(q, cos, sin).transpose(1, 2), qrwkv.apply_rope(k, cos, sin).transpose(1, 2)
+    q, k = (qrwkv.apply_rope(t.float(), cos.float(), sin.float()).transpose(1, 2) for t in (q, k))
     k = k.repeat_interleave(attn.H // attn.Hk, dim=1)
     T = x.shape[1]
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(attn.N)

@@ -76,6 +76,21 @@ def test_calibration_lowers_held_out_alignment_loss(teacher, options):
     assert step0_loss(student, teacher, held_out) < margin * step0_loss(plain, teacher, held_out)
 
 
+@pytest.mark.parametrize("decay", ["distance", "search"])
+def test_bf16_teacher_calibrates_like_fp32(teacher, decay):
+    """convert.py --dtype bfloat16 (the default where bf16 is native) hands calibration a bf16 teacher and an fp32
+    student: the same decays and nearly the same calibrated student as with the fp32 teacher."""
+    teacher16 = qrwkv.QRWKV(teacher.config).to(torch.bfloat16)
+    teacher16.load_state_dict(teacher.state_dict())
+    s32, s16 = (qrwkv.student_from_teacher(teacher).float() for _ in range(2))
+    r32 = calibrate.calibrate_student(s32, teacher, batches(2, 1), decay=decay)
+    r16 = calibrate.calibrate_student(s16, teacher16, batches(2, 1), decay=decay)
+    assert r16["decay_centres"].keys() == r32["decay_centres"].keys()
+    assert max(abs(a - b) for i in r32["decay_centres"] for a, b in zip(r16["decay_centres"][i], r32["decay_centres"][i])) < 0.1
+    assert max(a - b for a, b in zip(r16["rel_err_after"], r16["rel_err_before"])) < 0
+    assert r16["rel_err_after"] == pytest.approx(r32["rel_err_after"], rel=0.05)
+
+
 def test_saved_and_reloaded_logits_identical(teacher, tmp_path):
     student = qrwkv.student_from_teacher(teacher).float()
     calibrate.calibrate_student(student, teacher, batches(2, 3))

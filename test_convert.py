@@ -368,3 +368,21 @@ def test_rwkv7_student_two_processes(world, tmp_path):
             logits, state = model(ids[:, t:t + 1], state=state)
             steps.append(logits)
     assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+
+
+def test_bf16_run_follows_the_fp32_run(world, tmp_path):
+    """--dtype bfloat16 (what --dtype auto picks on CPUs with AMX / AVX512-BF16 and on GPUs): calibration, steps 1-3 with
+    a bf16 teacher and the student under bf16 autocast run through, and every step's loss stays within a few percent of
+    the same fp32 run's (bf16 rounding, not a different computation)."""
+    args = ["--teacher", world["qwen"], "--data", world["data"], *FAST, "--calibrate", 2, "--steps1", 3, "--steps2", 3,
+            "--lr1", 1e-2, "--warmup1", 1, "--lr2", 1e-3, "--warmup2", 1, "--steps3", 1, "--seq_len3", 64, "--batch_size3", 1]
+    inproc(args + ["--out", tmp_path / "fp32"])
+    bf16 = list(args)
+    bf16[bf16.index("--dtype") + 1] = "bfloat16"
+    inproc(bf16 + ["--out", tmp_path / "bf16"])
+    a, b = train_losses(tmp_path / "fp32"), train_losses(tmp_path / "bf16")
+    assert a.keys() == b.keys() and len(a) == 7
+    for k in a:
+        assert abs(a[k] - b[k]) <= 0.05 * a[k], (k, a[k], b[k])
+    assert evals(tmp_path / "bf16")[-1]["kl"] == pytest.approx(evals(tmp_path / "fp32")[-1]["kl"], rel=0.05)
+    assert qrwkv.load_model(str(tmp_path / "bf16")).config.dtype == qrwkv.load_model(str(tmp_path / "fp32")).config.dtype

@@ -439,6 +439,44 @@ def kl_divergence(student_logits, teacher_logits) -> torch.Tensor:
     return F.kl_div(log_ps, log_pt, log_target=True, reduction="sum")
 
 
+class LinearKL(torch.autograd.Function):
+    """Σ over tokens of KL(softmax(ht Wtᵀ) ‖ softmax(hs Wsᵀ)) (kl_divergence above, from hidden states), chunk by
+    chunk, never holding more than one chunk's logits and never computing them twice. The gradient is known in
+    forward: ∂KL/∂zs = p_s − p_t, so forward also computes ∂/∂hs = (p_s − p_t) Ws and ∂/∂Ws = (p_s − p_t)ᵀ hs and
+    backward only scales them (the fused linear cross-entropy trick). Matmuls in Wt's dtype (the run's compute dtype),
+    log-softmax, KL and gradients in fp32. Replaces autograd through chunked_over_tokens(kl_divergence), which
+    checkpoints each chunk: two head matmuls and six vocabulary-wide passes more per chunk."""
+
+    @staticmethod
+    def forward(ctx, hs, ws, ht, wt, chunk: int):
+        dt = wt.dtype
+        with torch.autocast(hs.device.type, enabled=False):
+            hs2, ht2, ws_c = hs.detach().flatten(0, 1), ht.detach().flatten(0, 1), ws.detach().to(dt)
+            dhs = torch.empty(hs2.shape, dtype=torch.float32, device=hs.device)
+            dws = torch.zeros(ws.shape, dtype=torch.float32, device=hs.device) if ctx.needs_input_grad[1] else None
+            kl = torch.zeros((), dtype=torch.float64, device=hs.device)
+            for i in range(0, hs2.shape[0], chunk):
+                h = hs2[i:i + chunk].to(dt)
+                ls = (h @ ws_c.T).float()
+                lt = (ht2[i:i + chunk].to(dt) @ wt.T).float()
+                ls -= ls.logsumexp(-1, keepdim=True)            # log p_s, in place
+                lt -= lt.logsumexp(-1, keepdim=True)            # log p_t
+                pt = lt.exp()
+                kl += torch.dot(pt.view(-1), lt.view(-1)) - torch.dot(pt.view(-1), ls.view(-1))
+                g = ls.exp_().sub_(pt).to(dt)                   # ∂KL/∂zs = p_s − p_t
+                dhs[i:i + chunk] = g @ ws_c
+                if dws is not None:
+                    dws += (g.T @ h).float()
+        ctx.save_for_backward(dhs.view(hs.shape), dws)
+        ctx.hs_dtype = hs.dtype
+        return kl.float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        dhs, dws = ctx.saved_tensors
+        return (grad * dhs).to(ctx.hs_dtype), None if dws is None else grad * dws, None, None, None
+
+
 def converted_layers(model: qrwkv.QRWKV) -> list:
     return [i for i in range(model.config.num_hidden_layers) if i not in model.config.attention_layers]
 
@@ -470,8 +508,10 @@ def distill_loss(model, run, x, key):
     with torch.no_grad():
         ht, _ = teacher(ids, return_hidden=True)
     hs, _ = model(ids, return_hidden=True)
-    kl = lambda hs_c, ht_c: kl_divergence(student.lm_head(hs_c), teacher.lm_head(ht_c).detach())
-    return chunked_over_tokens(kl, hs, ht, chunk=run.args.kl_chunk) / ids.numel()
+    if isinstance(student.lm_head.weight, DTensor):   # --fsdp: the heads are sharded modules, gathered per call
+        kl = lambda hs_c, ht_c: kl_divergence(student.lm_head(hs_c), teacher.lm_head(ht_c).detach())
+        return chunked_over_tokens(kl, hs, ht, chunk=run.args.kl_chunk) / ids.numel()
+    return LinearKL.apply(hs, student.lm_head.weight, ht, teacher.lm_head.weight, run.args.kl_chunk) / ids.numel()
 
 
 def longctx_loss(model, run, x, key):

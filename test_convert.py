@@ -77,6 +77,29 @@ def test_kl_divergence_and_chunking():
     assert torch.allclose(full, chunked, atol=1e-6) and torch.allclose(g_full, g_chunk, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_linear_kl_equals_autograd_through_kl_divergence(dtype, head_trains):
+    """LinearKL (step 2's loss: KL from hidden states with its gradient computed in forward) == autograd through
+    kl_divergence of the logits, value and gradients for hs and the student head; chunks that do not divide the
+    tokens; a bf16 teacher head (the run's compute dtype) against the fp32 reference within bf16 rounding."""
+    torch.manual_seed(0)
+    hs = torch.randn(2, 11, 6, requires_grad=True)
+    ws = torch.nn.Parameter(torch.randn(50, 6)).requires_grad_(head_trains)
+    ht, wt = torch.randn(2, 11, 6), torch.randn(50, 6)
+    scale = torch.randn(())   # any upstream gradient (the loss is divided by tokens and --grad_accum)
+    ref = convert.kl_divergence(F.linear(hs, ws).flatten(0, 1), F.linear(ht, wt).flatten(0, 1))
+    wrt = [hs, ws] if head_trains else [hs]
+    g_ref = torch.autograd.grad(ref * scale, wrt)
+    out = convert.LinearKL.apply(hs, ws, ht, wt.to(dtype), 4)
+    g_out = torch.autograd.grad(out * scale, wrt)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert out.dtype == torch.float32 and abs(out.item() - ref.item()) <= tol * ref.item()
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+    assert abs(convert.LinearKL.apply(ht, wt, ht, wt, 3).item()) < 1e-4   # KL(p ‖ p) = 0
+
+
 def test_data_formats_split_and_reuse(world, tmp_path):
     docs = ["alpha beta", "gamma delta epsilon", "zeta", "eta theta"]
     (tmp_path / "wiki.json").write_text(json.dumps({d: {"title": d, "extract": d} for d in docs}))

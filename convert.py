@@ -644,9 +644,10 @@ class Resume:
     args: dict
     attention_layers: tuple   # the layers kept as attention (chosen once when --attention_layers is auto:K)
     sharded: dict | None = None   # --fsdp: the sharded checkpoint folder and how to rebuild the optimizer state (save_sharded)
+    elapsed: float = 0.0          # wall-clock seconds of the run so far (all invocations, calibration included)
 
 
-def save_checkpoint(d: Dist, path, args, identity, stage, step, done, student, optimizer):
+def save_checkpoint(d: Dist, path, args, identity, stage, step, done, student, optimizer, elapsed=0.0):
     """Atomically write OUT/ckpt.pt: tensors and plain types only (torch.load(weights_only=True) reads it). Under
     --fsdp the tensors go to a sharded checkpoint folder beside it first (`save_sharded`) and ckpt.pt names it."""
     out, tensors = os.path.dirname(path), {}
@@ -658,7 +659,7 @@ def save_checkpoint(d: Dist, path, args, identity, stage, step, done, student, o
     if d.master:
         rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
         torch.save(dict(format=CKPT_FORMAT, stage=stage, step=step, done=done, rng=rng, args=vars(args), identity=identity,
-                        attention_layers=list(student.config.attention_layers)) | tensors, path + ".tmp")
+                        attention_layers=list(student.config.attention_layers), elapsed=elapsed) | tensors, path + ".tmp")
         os.replace(path + ".tmp", path)
         for name in os.listdir(out):   # sharded folders of earlier checkpoints (the new one is named in ckpt.pt now)
             if name.startswith("ckpt-") and name != tensors.get("sharded", {}).get("dir"):
@@ -737,7 +738,7 @@ def load_resume(args, identity) -> Resume | None:
                            f"resume it the same way")
     sharded = ck.get("sharded") and ck["sharded"] | dict(path=os.path.join(args.out, ck["sharded"]["dir"]))
     return Resume(ck["stage"], ck["step"], ck["done"], ck.get("model"), ck.get("optimizer"), ck["rng"], ck["args"],
-                  tuple(ck["attention_layers"]), sharded or None)
+                  tuple(ck["attention_layers"]), sharded or None, ck.get("elapsed", 0.0))
 
 
 def build_student(teacher, attention_layers, device, resume: Resume | None, student_kind="rwkv6") -> qrwkv.QRWKV:
@@ -913,6 +914,11 @@ class Run:
     saved: tuple | None = None   # (stage, step) of the latest checkpoint
     cache1: dict = field(default_factory=dict)   # --cache1: {batch id: step-1 teacher targets}
     eval_text: np.ndarray | None = None          # --eval_text tokens (a second domain)
+    clock: tuple = (0.0, 0.0)   # (time.time() when this invocation started, seconds the run had taken before it)
+
+    def elapsed(self) -> float:
+        """Wall-clock seconds of the whole run, across --resume, calibration and evaluations included."""
+        return self.clock[1] + time.time() - self.clock[0]
 
     def path(self, name):
         return os.path.join(self.args.out, name)
@@ -920,7 +926,7 @@ class Run:
     def record(self, rec):
         if self.d.master:
             with open(self.path("metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(rec | dict(elapsed=round(self.elapsed(), 2))) + "\n")
 
     def eval(self, stage, step):
         r = evaluate(self.d, self.args, self.student, self.teacher, self.val, self.device, self.amp)
@@ -972,7 +978,7 @@ def train_stage(run: Run, st: Stage, start: int, opt_state, first_eval: bool, bu
                                      or step == 0 and first_eval):
             run.eval(st.n, step)
         if step > start and (last or stop or step % args.save_interval == 0):
-            save_checkpoint(d, run.path("ckpt.pt"), args, run.identity, st.n, step, last, student, optimizer)
+            save_checkpoint(d, run.path("ckpt.pt"), args, run.identity, st.n, step, last, student, optimizer, run.elapsed())
             run.saved = (st.n, step)
         if last or stop:
             return taken
@@ -1039,7 +1045,7 @@ def demo_defaults(args, d: Dist):
 
 def main(argv=None):
     args = get_args(argv)
-    d, ok = Dist(), False
+    d, ok, t0 = Dist(), False, time.time()
     try:
         device, dtype = pick_device(args, d)
         d.start(device)
@@ -1070,7 +1076,8 @@ def main(argv=None):
                    f"changed arguments: {[k for k in resume.args if k in identity['args'] and resume.args[k] != identity['args'][k]] or 'none'}")
         student = init_student(args, d, teacher, meta["train"], attention_layers, device, resume)
         run = Run(args, d, device, amp, teacher, student, meta["train"], meta["val"], identity,
-                  saved=(resume.stage, resume.step) if resume else None, eval_text=eval_tokens(args, d))
+                  saved=(resume.stage, resume.step) if resume else None, eval_text=eval_tokens(args, d),
+                  clock=(t0, resume.elapsed if resume else 0.0))
         log(d, f"teacher {args.teacher}: {teacher.config.model_type}, {teacher.config.num_hidden_layers} layers, "
                f"{len(meta['train']):,} train tokens; {d.world} process(es) on {device}; stages {[s for s, _ in todo] or 'none (run complete)'}")
         budget = args.stop_after or None

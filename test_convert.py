@@ -226,6 +226,9 @@ def test_resume_is_exact(world, tmp_path):
     longer, extended = train_losses(tmp_path / "long"), train_losses(tmp_path / "cut")
     assert sorted(longer) == sorted(extended) and len(longer) == 14
     assert all(abs(longer[k] - extended[k]) <= 1e-6 * max(1.0, abs(longer[k])) for k in longer)
+    # the run's wall clock (for fidelity-vs-time studies) continues across resumes: never back, never reset
+    elapsed = [r["elapsed"] for r in map(json.loads, open(tmp_path / "cut" / "metrics.jsonl")) if "elapsed" in r]
+    assert len(elapsed) >= 14 and elapsed == sorted(elapsed) and elapsed[0] > 0
 
 
 # ----------------------------------------------------------------------------- one-line errors

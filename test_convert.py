@@ -242,6 +242,19 @@ def done_run(world, tmp_path_factory):
     return args, out
 
 
+def test_plot_reads_a_run(done_run, tmp_path):
+    """plot.py's fidelity-vs-budget axes: tokens trained before an evaluation (steps 1 and 2 of B 4 x T 32, step 3 of
+    B 1 x T 64) and the wall clock every record carries; both figures render."""
+    import plot
+    _, out = done_run
+    args, rows = plot.read_run(str(out))
+    assert [plot.trained_tokens(args, *x) for x in ((1, 1), (2, 0), (2, 1), (3, 2))] == [128, 128, 256, 256 + 2 * 64]
+    assert all(r["elapsed"] > 0 for r in rows)
+    for fig in (plot.loss_curves(str(out)), plot.fidelity([f"{out}=run"])):
+        fig.savefig(tmp_path / "f.png")
+        assert (tmp_path / "f.png").stat().st_size > 10_000
+
+
 def test_step3_long_context_cross_entropy(done_run):
     args, out = done_run
     losses = train_losses(out)

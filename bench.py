@@ -190,8 +190,6 @@ def bench_convert(model_dir=None, batch=1, seq_len=512, repeats=3):
     and with --lr2_rest 0 (only the time-mix). In fp32 and, where the CPU has native bf16, as convert.py's bf16 runs
     them (bf16 teacher, student under bf16 autocast with fp32 master weights); also as a share of what the matmul
     FLOP count allows at that dtype's matmul rate."""
-    import argparse
-    import convert
     model_dir = model_dir or DEMO_TEACHER
     dtypes = [torch.float32] + [torch.bfloat16] * (qrwkv.cpu_has_native_bf16() or torch.cuda.is_available())
     print(f"## conversion throughput ({model_dir}, B={batch} x T={seq_len}, {torch.get_num_threads()} threads, "

@@ -52,6 +52,7 @@ DEMO_OUT = os.path.join("out", "smollm2-135m-qrwkv")
 CKPT_FORMAT = 2
 # flags that do not change what is trained (paths, logging, evaluation, stopping, device); every other flag is
 # part of the run identity, so a new flag is covered without touching this list
+LR2 = {"rwkv6": 1e-3, "rwkv7": 2e-4}   # --lr2's default per --student
 FREE_ARGS = ("teacher", "data", "out", "resume", "eval_interval", "eval_tokens", "eval_text", "log_interval",
              "save_interval", "stop_after", "device", "threads")
 
@@ -102,8 +103,11 @@ def get_args(argv=None):
     g("--steps2", type=int, default=180, help="optimizer steps of step 2")
     # hundreds of steps, not ten thousand (SPEC §7): the mixer at step 1's rate, the teacher's MLPs, embeddings and head
     # frozen (in a first KD stage frozen MLPs gave 3.36 vs 66.7 ppl; RADLADS' 1e-5 for everything is for 250M+ tokens)
-    g("--lr2", type=float, default=1e-3, help="step 2 peak learning rate of the time-mix blocks (SPEC: 1e-5 at 250M+ tokens)")
-    g("--min_lr2", type=float, default=1e-4, help="step 2 final learning rate of the time-mix blocks (cosine; = lr2 is flat)")
+    # per student (LR2): the demo's RWKV-7 mixer diverged at RWKV-6's 1e-3 (held-out ppl 11.6x -> 67x in 40 steps)
+    g("--lr2", type=float, default=None, help="step 2 peak learning rate of the time-mix blocks; default 1e-3 (rwkv6), "
+                                              "2e-4 (rwkv7) (SPEC: 1e-5 at 250M+ tokens)")
+    g("--min_lr2", type=float, default=None, help="step 2 final learning rate of the time-mix blocks (cosine; = lr2 is "
+                                                  "flat); default lr2 / 10")
     g("--lr2_rest", type=float, default=0.0, help="step 2 peak learning rate of everything else (embeddings, norms, MLPs, "
                                                    "head), scaled like lr2 over the steps; 0 = frozen")
     g("--warmup2", type=int, default=3, help="step 2 linear warm-up steps")
@@ -128,7 +132,10 @@ def get_args(argv=None):
     g("--log_interval", type=int, default=5, help="print a progress line every this many steps")
     g("--save_interval", type=int, default=50, help="write the checkpoint every this many steps (and at stage end)")
     g("--stop_after", type=int, default=0, help="checkpoint and exit after this many steps in this invocation (0 = run to the end)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.lr2 = LR2[args.student] if args.lr2 is None else args.lr2
+    args.min_lr2 = args.lr2 / 10 if args.min_lr2 is None else args.min_lr2
+    return args
 
 
 class ConvertError(Exception):

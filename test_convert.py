@@ -100,6 +100,14 @@ def test_linear_kl_equals_autograd_through_kl_divergence(dtype, head_trains):
     assert abs(convert.LinearKL.apply(ht, wt, ht, wt, 3).item()) < 1e-4   # KL(p ‖ p) = 0
 
 
+def test_step2_learning_rate_defaults_per_student():
+    """--lr2 defaults to 1e-3 for RWKV-6 and 2e-4 for RWKV-7 (which diverged at 1e-3 on the demo); --min_lr2 to lr2 / 10;
+    given values are kept."""
+    lrs = lambda *a: (lambda x: (x.lr2, x.min_lr2))(convert.get_args(list(a)))
+    assert lrs() == (1e-3, 1e-4) and lrs("--student", "rwkv7") == (2e-4, 2e-5)
+    assert lrs("--lr2", "5e-4") == (5e-4, 5e-5) and lrs("--student", "rwkv7", "--min_lr2", "1e-3") == (2e-4, 1e-3)
+
+
 def test_data_formats_split_and_reuse(world, tmp_path):
     docs = ["alpha beta", "gamma delta epsilon", "zeta", "eta theta"]
     (tmp_path / "wiki.json").write_text(json.dumps({d: {"title": d, "extract": d} for d in docs}))

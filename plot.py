@@ -66,7 +66,7 @@ def fidelity(runs):
         run, _, label = spec.partition("=")
         args, rows = read_run(run)
         evals = sorted((r for r in rows if r["kind"] == "eval"), key=lambda r: (r["stage"], r["step"]))
-        tokens = [trained_tokens(args, r["stage"], r["step"]) for r in evals]
+        tokens = [trained_tokens(args, r["stage"], r["step"]) / 1000 for r in evals]
         minutes = [r.get("elapsed", float("nan")) / 60 for r in evals]
         for col, (name, value, scale) in enumerate(metrics):
             for row, x in enumerate((tokens, minutes)):
@@ -76,7 +76,7 @@ def fidelity(runs):
                     if pts:
                         ax.plot(*zip(*pts), style, color=f"C{i}", markersize=3, label=f"{label or run}, {domain}")
                 ax.set_yscale(scale)
-                ax.set_xlabel("tokens trained on" if row == 0 else "wall-clock minutes (2 cores)")
+                ax.set_xlabel("thousands of tokens trained on" if row == 0 else "wall-clock minutes (2 cores)")
                 ax.set_title(name)
                 ax.grid(alpha=0.3)
     for ax in axes[:, 0]:   # the interesting range; an uncalibrated init's thousands-fold ratio runs off the top

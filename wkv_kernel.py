@@ -430,9 +430,8 @@ def _unit_lower_inverse(A):
 def _wkv7_chunk_terms(r, k, v, log_w, a, b):
     """Per chunk, in parallel, (B, H, nc, Lc, N) inputs: Q, Y_in (Y = Q S0 + Y_in) and M, Δ (S_Lc = M S0 + Δ)."""
     Lc, dt = r.shape[-2], r.dtype
-    lw64 = log_w.double()
-    g64 = lw64.cumsum(-2)
-    e, ep, ie, ed = (x.exp().to(dt) for x in (g64, g64 - lw64, -g64, g64[..., -1:, :] - g64))
+    g = log_w.cumsum(-2, dtype=torch.float64).to(dt)   # summed in fp64, one cast: the exponents below in dt
+    e, ep, ie, ed = (x.exp() for x in (g, g - log_w, -g, g[..., -1:, :] - g))
     incl = torch.ones(Lc, Lc, dtype=torch.bool, device=r.device).tril()
     strict = incl.tril(-1)
     ae, re = a * ep, r * e  # a_i e^{g_{i-1}}, r_i e^{g_i}

@@ -218,7 +218,6 @@ def _convert_rates(model_dir, dtype, batch, seq_len, repeats):
     run = argparse.Namespace(student=student, teacher=t, args=argparse.Namespace(kl_chunk=256, cache1=0), cache1={})
     P, P_mix = sum(p.numel() for p in t.parameters()), sum(p.numel() for b in student.model.layers for p in b.self_attn.parameters())
     flops = [2 * P, 2 * P + 6 * P_mix, 6 * P_mix, 2 * P + 6 * P, 2 * P + 4 * P + 2 * P_mix]
-    amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)   # as convert.py's Run.amp
 
     def teacher_forward():
         with torch.no_grad():
@@ -228,7 +227,7 @@ def _convert_rates(model_dir, dtype, batch, seq_len, repeats):
         def fn():
             convert.param_groups(student, n, rest_scale)
             run.args.cache1 = int(cached)
-            with amp():
+            with convert.student_autocast("cpu", dtype):
                 out = loss(student, run, x, 0)
             out.backward()
             student.zero_grad(set_to_none=True)

@@ -333,6 +333,12 @@ def local_numel(model) -> int:
 
 # ----------------------------------------------------------------------------- teacher and data
 
+def student_autocast(device_type: str, dtype, sharded=False):
+    """The context the student's forward runs in: bf16 autocast over fp32 master weights in bf16 runs; off in fp32
+    runs and under --fsdp, whose MixedPrecisionPolicy does the casting instead."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 and not sharded)
+
+
 def load_teacher(path: str, device, dtype, sharding: Sharding | None = None) -> qrwkv.QRWKV:
     """The frozen teacher in the compute dtype (bf16 halves its memory and, where bf16 is native, its time); under
     --fsdp sharded (`load_sharded_teacher`), carrying its Sharding so the student is laid out alike."""
@@ -1063,7 +1069,7 @@ def main(argv=None):
         args.out = args.out or args.teacher.rstrip("/") + "-qrwkv"
         teacher = load_teacher(args.teacher, device, dtype, sharding)
         attention_layers = check_args(args, teacher.config.num_hidden_layers)
-        amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 and sharding is None)
+        amp = lambda: student_autocast(device.type, dtype, sharded=sharding is not None)
         # the run directory: identity, resume point, data
         key = prepare.data_key(args.data, args.teacher, args.val_fraction)
         identity = run_identity(args, d, key)

@@ -191,10 +191,12 @@ def test_ddp_equals_single_process(world, tmp_path):
     assert ref["stage"] == 2 and ref["done"]
     assert isinstance(qrwkv.load_model(str(tmp_path / "ddp")).model.layers[1].self_attn, qrwkv.Attention)
     recs = lambda run: {(x["stage"], x["step"]): x for x in map(json.loads, open(tmp_path / run / "metrics.jsonl"))}
+    # 1e-5: CPU fp32 matmul kernels sum in another order for another batch size (an AVX512-BF16 EPYC: 1.6e-6 relative
+    # in the step-2 loss of batch 4 vs 2 x 2); a lost gradient average or a wrong data shard is off by 1e-2 or more
     for other in ("one", "accum"):
         for k, x in recs("ddp").items():
             for f in ("loss", "grad_norm"):
-                assert abs(x[f] - recs(other)[k][f]) <= 1e-6 * max(1, abs(x[f])), (other, k, f)
+                assert abs(x[f] - recs(other)[k][f]) <= 1e-5 * max(1, abs(x[f])), (other, k, f)
         ck = torch.load(tmp_path / other / "ckpt.pt", weights_only=True)
         for i, st in ref["optimizer"]["state"].items():
             g, g_other = st["exp_avg"], ck["optimizer"]["state"][i]["exp_avg"]

@@ -53,6 +53,9 @@ CKPT_FORMAT = 2
 # flags that do not change what is trained (paths, logging, evaluation, stopping, device); every other flag is
 # part of the run identity, so a new flag is covered without touching this list
 LR2 = {"rwkv6": 1e-3, "rwkv7": 2e-4}   # --lr2's default per --student
+# --calibrate's default per --student: RWKV-7's o_proj refit (576 x 576 unknowns per layer on the demo) overfits 2 x 512
+# tokens (step-0 held-out ppl 4.7k, against 289 with 8 and 193 with 16 batches); RWKV-6's closed forms need 2
+CALIBRATE = {"rwkv6": 2, "rwkv7": 16}
 FREE_ARGS = ("teacher", "data", "out", "resume", "eval_interval", "eval_tokens", "eval_text", "log_interval",
              "save_interval", "stop_after", "device", "threads")
 
@@ -73,7 +76,8 @@ def get_args(argv=None):
     # search: demo held-out ppl after step 1 2.96x vs 10.2x the teacher's with "distance", for ~1.5 more minutes
     g("--calibrate_decay", default="search", choices=["distance", "search"], help="calibrated decay per head: a 7-point "
       "grid search of the least-squares residual, or (faster, worse) from the teacher head's attention distance")
-    g("--calibrate", type=int, default=2, help="teacher micro-batches for the calibrated time-mix init (calibrate.py); 0 = SPEC §3 init only")
+    g("--calibrate", type=int, default=None, help="teacher micro-batches for the calibrated time-mix init (calibrate.py); "
+                                                  "default 2 (rwkv6), 16 (rwkv7); 0 = SPEC §3 init only")
     g("--seed", type=int, default=1337, help="random seed (initialisation and data sampling)")
     g("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="compute dtype (bf16 = bf16 teacher + autocast student, fp32 master weights); auto = bf16 on GPUs and on CPUs with native bf16")
@@ -134,6 +138,7 @@ def get_args(argv=None):
     g("--stop_after", type=int, default=0, help="checkpoint and exit after this many steps in this invocation (0 = run to the end)")
     args = p.parse_args(argv)
     args.lr2 = LR2[args.student] if args.lr2 is None else args.lr2
+    args.calibrate = CALIBRATE[args.student] if args.calibrate is None else args.calibrate
     args.min_lr2 = args.lr2 / 10 if args.min_lr2 is None else args.min_lr2
     return args
 
@@ -805,14 +810,16 @@ def init_from_teacher(student, teacher, seed: int):
 def init_student(args, d, teacher, train, layers, device, resume: Resume | None) -> qrwkv.QRWKV:
     """The one student: the checkpoint's when resuming; else the SPEC §3 init, calibrated on --calibrate training
     micro-batches (calibrate.py), with auto:K's attention layers chosen by measured damage (`layer_damage`)."""
-    if resume is not None or not args.calibrate or args.student == "rwkv7":   # calibrate.py fits the RWKV-6 mixer
+    if resume is not None or not args.calibrate:
         return build_student(teacher, resume.attention_layers if resume else layers, device, resume, args.student)
     import calibrate
     starts = np.random.default_rng((args.seed, 0)).integers(0, len(train) - args.seq_len, size=args.calibrate)
     batches = [windows(train, [s], args.seq_len, device)[:, :-1] for s in starts]   # the same on every process
-    student = build_student(teacher, () if isinstance(layers, int) else layers, device, None)
-    # per-channel readout: the best readout measured on the demo teacher (step-0 ppl 186-93 vs 1.35M uncalibrated)
-    report = calibrate.calibrate_student(student, teacher, batches, decay=args.calibrate_decay, readout="channel")
+    student = build_student(teacher, () if isinstance(layers, int) else layers, device, None, args.student)
+    if args.student == "rwkv7":   # o_proj re-fitted by ridge regression (calibrate.calibrate_rwkv7)
+        report = calibrate.calibrate_rwkv7(student, teacher, batches)
+    else:   # per-channel readout: the best readout measured on the demo teacher (step-0 ppl 186-93 vs 1.35M uncalibrated)
+        report = calibrate.calibrate_student(student, teacher, batches, decay=args.calibrate_decay, readout="channel")
     log(d, f"calibrated {len(report['rel_err_after'])} time-mix blocks on {args.calibrate} x {args.seq_len} tokens: median "
            f"relative error to the teacher's attention {np.median(report['rel_err_before']):.3f} -> {np.median(report['rel_err_after']):.3f}")
     if isinstance(layers, int):   # auto:K: keep as attention the K layers whose conversion alone costs the most

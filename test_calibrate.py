@@ -121,3 +121,39 @@ def test_rejects_a_trained_time_mix(teacher):
         student.model.layers[2].self_attn.gate.weight.fill_(0.1)
     with pytest.raises(ValueError, match="layer 2: time-mix is not at its SPEC"):
         calibrate.calibrate_student(student, teacher, batches(1, 7))
+
+
+def test_ridge_refit_is_the_regularised_least_squares():
+    """ridge_refit_ against an independent solve: lstsq of the stacked system [H; √ρ I] Wᵀ = [Y; √ρ W0ᵀ]."""
+    g = torch.Generator().manual_seed(8)
+    lin = torch.nn.Linear(12, 7, bias=False).double()
+    W0 = lin.weight.detach().clone()
+    pairs = [(torch.randn(3, 20, 12, generator=g, dtype=torch.float64), torch.randn(3, 20, 7, generator=g, dtype=torch.float64))
+             for _ in range(2)]
+    calibrate.ridge_refit_(lin, pairs, 0.1)
+    H, Y = (torch.cat([p[j].reshape(-1, p[j].shape[-1]) for p in pairs]) for j in (0, 1))
+    rho = 0.1 * (H * H).sum(0).mean()
+    ref = torch.linalg.lstsq(torch.cat([H, rho.sqrt() * torch.eye(12, dtype=H.dtype)]), torch.cat([Y, rho.sqrt() * W0.T])).solution.T
+    torch.testing.assert_close(lin.weight.detach(), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_rwkv7_refit_lowers_held_out_error_and_changes_only_o_proj(teacher):
+    """calibrate_rwkv7: o_proj of every TimeMix7 re-fitted; each layer's relative error to the teacher's attention
+    falls on the calibration tokens and, on average, on tokens it never saw; nothing else changes."""
+    L = TINY["num_hidden_layers"]
+    student = qrwkv.student_from_teacher(teacher, attention_layers=(L - 1,), student="rwkv7").float()
+    before = {n: p.clone() for n, p in student.state_dict().items()}
+    held_out = calibrate.capture_attention_io(teacher, batches(2, 11), range(L - 1))
+    err = lambda: [calibrate.rwkv7_relative_error(student, held_out, i) for i in range(L - 1)]
+    held_before = err()
+    report = calibrate.calibrate_rwkv7(student, teacher, batches(8, 10))
+    assert report["layers"] == list(range(L - 1))
+    assert all(a < b for a, b in zip(report["rel_err_after"], report["rel_err_before"])), report
+    assert sum(err()) < sum(held_before), (err(), held_before)
+    changed = {n for n, p in student.state_dict().items() if not torch.equal(p, before[n])}
+    assert changed == {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(L - 1)}
+
+
+def test_rwkv7_refit_refuses_an_rwkv6_student(teacher):
+    with pytest.raises(ValueError, match="not an rwkv7"):
+        calibrate.calibrate_rwkv7(qrwkv.student_from_teacher(teacher).float(), teacher, batches(1, 12))

@@ -108,6 +108,12 @@ def test_step2_learning_rate_defaults_per_student():
     assert lrs("--lr2", "5e-4") == (5e-4, 5e-5) and lrs("--student", "rwkv7", "--min_lr2", "1e-3") == (2e-4, 1e-3)
 
 
+def test_calibrate_defaults_per_student():
+    """--calibrate defaults to 2 micro-batches for RWKV-6 and 16 for RWKV-7 (its o_proj refit overfits 2); given values are kept."""
+    cal = lambda *a: convert.get_args(list(a)).calibrate
+    assert (cal(), cal("--student", "rwkv7"), cal("--student", "rwkv7", "--calibrate", "0"), cal("--calibrate", "5")) == (2, 16, 0, 5)
+
+
 def test_data_formats_split_and_reuse(world, tmp_path):
     docs = ["alpha beta", "gamma delta epsilon", "zeta", "eta theta"]
     (tmp_path / "wiki.json").write_text(json.dumps({d: {"title": d, "extract": d} for d in docs}))

@@ -137,7 +137,11 @@ def get_args(argv=None):
     g("--log_interval", type=int, default=5, help="print a progress line every this many steps")
     g("--save_interval", type=int, default=50, help="write the checkpoint every this many steps (and at stage end)")
     g("--stop_after", type=int, default=0, help="checkpoint and exit after this many steps in this invocation (0 = run to the end)")
-    args = p.parse_args(argv)
+    return student_defaults(p.parse_args(argv))
+
+
+def student_defaults(args):
+    """Fill the flags whose default depends on --student (LR2, CALIBRATE) and --min_lr2 = lr2 / 10."""
     args.lr2 = LR2[args.student] if args.lr2 is None else args.lr2
     args.calibrate = CALIBRATE[args.student] if args.calibrate is None else args.calibrate
     args.min_lr2 = args.lr2 / 10 if args.min_lr2 is None else args.min_lr2

@@ -173,15 +173,25 @@ class _Chunked(torch.autograd.Function):
 def _wkv6_chunked(r, k, v, log_w, u, S, L):
     """Pad T to a multiple of L (log_w = 0, k = 0: the final state stays exact), lay the chunks out as
     (nc, B·H, L, N), run _Chunked, and put y back to (B, T, H, N)."""
-    (B, T, H, N), dt, pad = r.shape, S.dtype, -r.shape[1] % L
-    def prep(x):  # one copy: (B, T, H, N) -> (nc, B·H, L, N), contiguous for the batched matmuls
-        x = F.pad(x.to(dt), (0, 0, 0, 0, 0, pad)) if pad else x.to(dt)
-        return x.unflatten(1, (-1, L)).permute(1, 0, 3, 2, 4).reshape(-1, B * H, L, N).contiguous()
-
+    (B, _, H, N), dt = r.shape, S.dtype
     uu = None if u is None else u.to(dt).repeat(B, 1).unsqueeze(1)  # (B·H, 1, N)
-    y, S = _Chunked.apply(*map(prep, (r, k, v, log_w)), uu, S.reshape(B * H, N, N))
-    y = y.view(-1, B, H, L, N).permute(1, 0, 3, 2, 4).reshape(B, -1, H, N)[:, :T]
-    return y, S.view(B, H, N, N)
+    y, S = _Chunked.apply(*(_to_chunks(x, L, dt) for x in (r, k, v, log_w)), uu, S.reshape(B * H, N, N))
+    return _from_chunks(y, r.shape), S.view(B, H, N, N)
+
+
+def _to_chunks(x, L, dt):
+    """One copy: (B, T, H, N) -> (nc, B·H, L, N) in dt, T zero-padded to a multiple of L, contiguous for the
+    batched matmuls (zero k and log_w leave the final state exact in both recurrences)."""
+    B, T, H, N = x.shape
+    pad = -T % L
+    x = F.pad(x.to(dt), (0, 0, 0, 0, 0, pad)) if pad else x.to(dt)
+    return x.unflatten(1, (-1, L)).permute(1, 0, 3, 2, 4).reshape(-1, B * H, L, N).contiguous()
+
+
+def _from_chunks(y, shape):
+    """(nc, B·H, L, N) -> (B, T, H, N) of the original `shape`: the inverse of _to_chunks, padding dropped."""
+    B, T, H, N = shape
+    return y.view(-1, B, H, y.shape[-2], N).permute(1, 0, 3, 2, 4).reshape(B, -1, H, N)[:, :T]
 
 
 def _wkv6_chunk_len(log_w, chunk_size, dt):
@@ -520,14 +530,9 @@ class _Chunked7(torch.autograd.Function):
 def _wkv7_chunked(r, k, v, log_w, a, b, S, Lc):
     """Pad T to a multiple of Lc (a = b = k = 0, log_w = 0: padded tokens leave S as it is), lay the chunks out
     as (nc, B·H, Lc, N), run _Chunked7, and put y back to (B, T, H, N)."""
-    (B, T, H, N), dt, pad = r.shape, S.dtype, -r.shape[1] % Lc
-    def prep(x):  # one copy: (B, T, H, N) -> (nc, B·H, Lc, N), contiguous for the batched matmuls
-        x = F.pad(x.to(dt), (0, 0, 0, 0, 0, pad)) if pad else x.to(dt)
-        return x.unflatten(1, (-1, Lc)).permute(1, 0, 3, 2, 4).reshape(-1, B * H, Lc, N).contiguous()
-
-    y, S = _Chunked7.apply(*map(prep, (r, k, v, log_w, a, b)), S.reshape(B * H, N, N))
-    y = y.view(-1, B, H, Lc, N).permute(1, 0, 3, 2, 4).reshape(B, -1, H, N)[:, :T]
-    return y, S.view(B, H, N, N)
+    B, _, H, N = r.shape
+    y, S = _Chunked7.apply(*(_to_chunks(x, Lc, S.dtype) for x in (r, k, v, log_w, a, b)), S.reshape(B * H, N, N))
+    return _from_chunks(y, r.shape), S.view(B, H, N, N)
 
 
 def _wkv7_chunk_len(log_w, chunk_size, dt):

@@ -1,6 +1,6 @@
 """
 Teacher-calibrated initialisation of the RWKV-6 time-mix blocks (SPEC §7 lever 1; issue 11, item 1), and of the
-RWKV-7 ones (`calibrate_rwkv7`, an o_proj refit: the last section).
+RWKV-7 ones (`calibrate_rwkv7`: a unit gate and a per-channel output affine, the last section).
 
 A fresh student (qrwkv.student_from_teacher, SPEC §3 init) copies q/k/v/o from the teacher, but its mixer is far
 from the teacher's attention: on SmolLM2-135M the median relative error of a layer's output is ~1.6, worse than
@@ -32,14 +32,14 @@ After 24 steps of step 1 (AdamW 1e-3): plain 1.58 / 0.83 / 92k / 9.08 / 2.9%; "c
 "distance" + "channel" 0.87 / 0.59 / 150 / 2.52 / 30.5%; "search" + "channel" 0.77 / 0.53 / 49 / 1.41 / 44.4%.
 Calibration time, 2 x 512 tokens, 1 thread on a shared 2-core CPU: "distance" 96 s, "search" 367 s.
 
-Everything lands in tensors the rwkv6qwen2 format already has (time_decay, q_proj, o_proj), so the calibrated
-student saves and loads like any other. Calibrate on training text only, never on the held-out split.
+Everything lands in tensors the released formats already have (rwkv6qwen2: time_decay, q_proj, o_proj; rwkv7qwen2:
+g2, ln_x), so the calibrated student saves and loads like any other. Calibrate on training text only, never on the held-out split.
 
     import calibrate, qrwkv
     student = qrwkv.student_from_teacher(teacher).float()
     report = calibrate.calibrate_student(student, teacher, batches)     # batches: list of (B, T) LongTensor
     print(report["rel_err_before"], report["rel_err_after"])            # per converted layer
-    report = calibrate.calibrate_rwkv7(rwkv7_student, teacher, batches)  # an rwkv7 student: o_proj refit only
+    report = calibrate.calibrate_rwkv7(rwkv7_student, teacher, batches)  # an rwkv7 student
 
 Tests: python -m pytest -q test_calibrate.py
 """
@@ -330,16 +330,21 @@ def calibrate_student(student: qrwkv.QRWKV, teacher: qrwkv.QRWKV, batches, decay
 
 
 # ----------------------------------------------------------------------------- RWKV-7 (TimeMix7)
-# The RWKV-6 closed forms above read that mixer's gate, token shift and wkv6 inputs.  For the RWKV-7 student
-# (RoPE on r, per-head GroupNorm, so no per-key-channel readout can be folded anywhere) only o_proj is re-fitted:
-# by ridge regression onto the teacher's attention output y, from the student's own o_proj input (GroupNorm'd
-# WKV7 readout times the low-rank gate), each layer fed the teacher's normalised input.  Demo teacher (SmolLM2-135M,
-# rwkv7 student, SPEC init, 4 x 512 held-out tokens, ridge 1e-2): step-0 perplexity 29k-97k (by init seed) ->
-# 4.7k (2 x 512 calibration tokens, ridge 1e-3: overfits, in-sample error 0.35) -> 289 (8 x 512) -> 193 (16 x 512);
-# median per-layer relative error 1.00 -> 0.60 (16 x 512).  A per-channel scale of o_proj's columns instead: 1.00
-# -> 0.92, 97k -> 20k.
-# Not convert.py's default for RWKV-7: from this init, step 1 at 2e-4 reached 10.6x (uncalibrated 11.5x), but step 2
-# then rose (train KL 4.0 -> 5.8; the refit o_proj has ~3.4x the teacher's norm) and ended at 90x against 3.42x.
+# The RWKV-6 closed forms above read that mixer's gate, token shift and wkv6 inputs.  The RWKV-7 student (RoPE on r,
+# per-head GroupNorm) has no per-key-channel readout to fold, so its calibrated init fits the mixer's output
+# amplitude instead, channel by channel, at o_proj's input:
+#   1. the low-rank gate g = σ(x g1) g2 starts (g1 = 0) as 0.5 · column sums of g2: ~0.02 with a random sign per
+#      channel; g2 is shifted per column so that g = 1 (its orthogonal part is kept, so g1 still learns);
+#   2. with h the student's o_proj input and z the teacher's (per-head attention output), each layer fed the
+#      teacher's normalised input:  z_c ≈ s_c h_c + β_c  by ridge least squares per channel c,
+#          s_c = cov(h_c, z_c) / (var(h_c) + ρ),  β_c = mean(z_c) − s_c mean(h_c),  ρ = ridge · mean_c var(h_c),
+#      folded into the GroupNorm affine (ln_x.weight ← s ⊙ ln_x.weight, ln_x.bias ← s ⊙ ln_x.bias + β / g), or
+#      without GroupNorm s into o_proj's columns (no intercept: o_proj has no bias).
+# Demo teacher (SmolLM2-135M, 4 x 512 held-out tokens, 4 x 512 calibration tokens): step-0 perplexity ratio 2,311x
+# (SPEC init) -> 24x, median per-layer relative error 1.00 -> 0.83 (the gate shift alone: 3.3, 130,000x).
+# Tried before and not kept: re-fitting all of o_proj by ridge regression (ridge_refit_, 16 x 512 tokens) reached
+# 11.1x at step 0 and 10.6x after step 1, but its o_proj had ~3.4x the teacher's norm, step 2 rose (train KL
+# 4.0 -> 5.8) and ended at 90x against 3.42x uncalibrated.
 
 @torch.no_grad()
 def rwkv7_outputs(student: qrwkv.QRWKV, io: dict, i: int):
@@ -366,22 +371,56 @@ def rwkv7_relative_error(student, io, i) -> float:
     return math.sqrt(num / max(den, 1e-30))
 
 
+def unit_gate_(tm: qrwkv.TimeMix7):
+    """Shift g2 per column so that the fresh low-rank gate 0.5 · 1ᵀ g2 is 1; returns the constant gate (D,) in fp64
+    (type 1: σ(0) = 0.5 everywhere).  Refuses a trained gate, whose value is no longer a constant."""
+    if tm.gate_rank_type == 1:
+        if tm.gate.weight.abs().max() != 0:
+            raise ValueError(f"layer {tm.layer_id}: the gate is trained (not at its SPEC init); calibrate a fresh student")
+        return torch.full((tm.H * tm.N,), 0.5, dtype=torch.float64, device=tm.gate.weight.device)
+    if tm.g1.abs().max() != 0:
+        raise ValueError(f"layer {tm.layer_id}: the gate is trained (g1 != 0, not at its SPEC init); calibrate a fresh student")
+    tm.g2.add_((2 - tm.g2.sum(0, keepdim=True)) / tm.g2.shape[0])
+    return torch.ones(tm.g2.shape[1], dtype=torch.float64, device=tm.g2.device)
+
+
+def channel_affine(pairs, ridge, intercept=True):
+    """(s, β) of the per-channel ridge least squares z_c ≈ s_c h_c + β_c over (h, z) pairs (..., D) (see above);
+    intercept=False fits z_c ≈ s_c h_c (β = 0: uncentred moments)."""
+    n = sh = sz = shh = shz = 0
+    for h, z in pairs:
+        h, z = h.reshape(-1, h.shape[-1]).double(), z.reshape(-1, z.shape[-1]).double()
+        n, sh, sz, shh, shz = n + h.shape[0], sh + h.sum(0), sz + z.sum(0), shh + (h * h).sum(0), shz + (h * z).sum(0)
+    mh, mz = (sh / n, sz / n) if intercept else (0, 0)
+    var_h = shh / n - mh * mh
+    s = (shz / n - mh * mz) / (var_h + ridge * var_h.mean())
+    return s, mz - s * mh
+
+
+@torch.no_grad()
 def calibrate_rwkv7(student: qrwkv.QRWKV, teacher: qrwkv.QRWKV, batches, ridge=1e-2) -> dict:
-    """Re-fit o_proj of every TimeMix7 of an rwkv7 `student` in place (see above) on the teacher's attention over
-    `batches` (list of (B, T) LongTensor, training text), layer 0 first.  Returns a report like calibrate_student's."""
+    """Calibrate every TimeMix7 of an rwkv7 `student` in place (see above: unit gate, per-channel output affine) on
+    the teacher's attention over `batches` (list of (B, T) LongTensor, training text).  Returns a report like
+    calibrate_student's."""
     t0 = time.time()
     layers = [i for i in range(student.config.num_hidden_layers) if i not in student.config.attention_layers]
     if not all(isinstance(student.model.layers[i].self_attn, qrwkv.TimeMix7) for i in layers):
         raise ValueError("calibrate_rwkv7: the student is not an rwkv7 (TimeMix7) model; use calibrate_student")
     dev = next(student.parameters()).device
     io = {i: {k: [t.to(dev) for t in v] for k, v in rec.items()} for i, rec in capture_attention_io(teacher, batches, layers).items()}
-    report = dict(options=dict(readout="refit_o", ridge=ridge), layers=layers, tokens=sum(b.numel() for b in batches),
-                  rel_err_before=[], rel_err_after=[])
-    for i in layers:   # o_proj of layer 0 does not reach v_first, so the order does not matter; 0 first anyway
-        o_proj = student.model.layers[i].self_attn.o_proj
-        bias = o_proj.bias.float() if o_proj.bias is not None else 0
+    report = dict(options=dict(readout="channel_affine", ridge=ridge), layers=layers,
+                  tokens=sum(b.numel() for b in batches), rel_err_before=[], rel_err_after=[])
+    for i in layers:   # ln_x, g2 and o_proj of a layer do not reach v_first, so the order does not matter
+        tm = student.model.layers[i].self_attn
         report["rel_err_before"].append(rwkv7_relative_error(student, io, i))
-        ridge_refit_(o_proj, ((h, y - bias) for _, h, y in rwkv7_outputs(student, io, i)), ridge)
+        g = unit_gate_(tm)
+        pairs = ((h, z) for (_, h, _), z in zip(rwkv7_outputs(student, io, i), io[i]["z"]))
+        s, beta = channel_affine(pairs, ridge, intercept=hasattr(tm, "ln_x"))   # o_proj has no bias to take β
+        if hasattr(tm, "ln_x"):
+            tm.ln_x.bias.copy_((s * tm.ln_x.bias.double() + beta / g).to(tm.ln_x.bias.dtype))
+            tm.ln_x.weight.mul_(s.to(tm.ln_x.weight.dtype))
+        else:
+            tm.o_proj.weight.mul_(s.to(tm.o_proj.weight.dtype))
         report["rel_err_after"].append(rwkv7_relative_error(student, io, i))
     report["seconds"] = time.time() - t0
     return report

@@ -137,11 +137,13 @@ def test_ridge_refit_is_the_regularised_least_squares():
     torch.testing.assert_close(lin.weight.detach(), ref, rtol=1e-10, atol=1e-10)
 
 
-def test_rwkv7_refit_lowers_held_out_error_and_changes_only_o_proj(teacher):
-    """calibrate_rwkv7: o_proj of every TimeMix7 re-fitted; each layer's relative error to the teacher's attention
-    falls on the calibration tokens and, on average, on tokens it never saw; nothing else changes."""
+@pytest.mark.parametrize("groupnorm_att", [True, False])
+def test_rwkv7_calibration_lowers_held_out_error_and_changes_only_gate_and_amplitude(teacher, groupnorm_att):
+    """calibrate_rwkv7: every TimeMix7's gate set to 1 and its output amplitude fitted per channel; each layer's
+    relative error to the teacher's attention falls on the calibration tokens and on tokens it never saw; only g2
+    and ln_x (without GroupNorm: o_proj) change."""
     L = TINY["num_hidden_layers"]
-    student = qrwkv.student_from_teacher(teacher, attention_layers=(L - 1,), student="rwkv7").float()
+    student = qrwkv.student_from_teacher(teacher, attention_layers=(L - 1,), student="rwkv7", groupnorm_att=groupnorm_att).float()
     before = {n: p.clone() for n, p in student.state_dict().items()}
     held_out = calibrate.capture_attention_io(teacher, batches(2, 11), range(L - 1))
     err = lambda: [calibrate.rwkv7_relative_error(student, held_out, i) for i in range(L - 1)]
@@ -149,9 +151,43 @@ def test_rwkv7_refit_lowers_held_out_error_and_changes_only_o_proj(teacher):
     report = calibrate.calibrate_rwkv7(student, teacher, batches(8, 10))
     assert report["layers"] == list(range(L - 1))
     assert all(a < b for a, b in zip(report["rel_err_after"], report["rel_err_before"])), report
-    assert sum(err()) < sum(held_before), (err(), held_before)
+    assert all(a < b for a, b in zip(err(), held_before)), (err(), held_before)
     changed = {n for n, p in student.state_dict().items() if not torch.equal(p, before[n])}
-    assert changed == {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(L - 1)}
+    fitted = ("ln_x.weight", "ln_x.bias") if groupnorm_att else ("o_proj.weight",)
+    assert changed == {f"model.layers.{i}.self_attn.{n}" for i in range(L - 1) for n in ("g2",) + fitted}
+    for i in range(L - 1):   # the fresh gate 0.5 · 1ᵀ g2 is now 1 in every channel
+        torch.testing.assert_close(0.5 * student.model.layers[i].self_attn.g2.sum(0), torch.ones(TINY["hidden_size"]))
+
+
+def test_channel_affine_is_the_per_channel_ridge_least_squares():
+    """channel_affine against an independent solve per channel: lstsq of [h 1; √(nρ) 0] (s, β) = [z; 0]
+    (with intercept=False: [h; √(nρ)] s = [z; 0], ρ from the uncentred second moment)."""
+    g = torch.Generator().manual_seed(9)
+    pairs = [(torch.randn(3, 20, 5, generator=g, dtype=torch.float64) + 0.5,
+              torch.randn(3, 20, 5, generator=g, dtype=torch.float64)) for _ in range(2)]
+    pairs = [(h, 0.7 * h - 0.2 + z) for h, z in pairs]
+    H, Z = (torch.cat([p[j].reshape(-1, 5) for p in pairs]) for j in (0, 1))
+    n = H.shape[0]
+    for intercept in (True, False):
+        s, beta = calibrate.channel_affine(pairs, 0.1, intercept=intercept)
+        second = H.var(0, correction=0) if intercept else H.pow(2).mean(0)
+        rho = 0.1 * second.mean()
+        for c in range(5):
+            design = torch.stack([H[:, c], torch.ones(n, dtype=H.dtype)], 1) if intercept else H[:, c:c + 1]
+            reg = torch.zeros(1, design.shape[1], dtype=H.dtype)
+            reg[0, 0] = (n * rho).sqrt()
+            sol = torch.linalg.lstsq(torch.cat([design, reg]), torch.cat([Z[:, c], torch.zeros(1, dtype=H.dtype)])).solution
+            torch.testing.assert_close(s[c], sol[0], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(beta[c], sol[1] if intercept else torch.zeros((), dtype=H.dtype), rtol=1e-9, atol=1e-12)
+
+
+def test_rwkv7_calibration_refuses_a_trained_gate(teacher):
+    L = TINY["num_hidden_layers"]
+    student = qrwkv.student_from_teacher(teacher, attention_layers=(L - 1,), student="rwkv7").float()
+    with torch.no_grad():
+        student.model.layers[1].self_attn.g1.fill_(0.1)
+    with pytest.raises(ValueError, match="layer 1: the gate is trained"):
+        calibrate.calibrate_rwkv7(student, teacher, batches(1, 7))
 
 
 def test_rwkv7_refit_refuses_an_rwkv6_student(teacher):

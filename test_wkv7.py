@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import wkv_kernel
 from wkv_kernel import wkv7
 
 B, H, N = 2, 3, 16
@@ -93,10 +94,13 @@ def test_state_orientation_key_value(backend):
     assert y[0, 1, 0].tolist() == [0.0, 0.5, 0.0, 0.0]  # S_1ᵀ e0 = row 0 of S_1
 
 
-@pytest.mark.parametrize("T", [CHUNK - 1, 2 * CHUNK + 3])
-def test_gradients_match_fp64_autograd(T):
+@pytest.mark.parametrize("T,group", [(CHUNK - 1, None), (2 * CHUNK + 3, None), (2 * CHUNK + 3, 1), (4 * CHUNK + 1, 2)])
+def test_gradients_match_fp64_autograd(T, group, monkeypatch):
     """Gradients of a loss on y and the final state w.r.t. all six inputs and the initial state: chunked
-    (fp64 and fp32) vs autograd through the fp64 sequential loop."""
+    (fp64 and fp32) vs autograd through the fp64 sequential loop; also with the chunks run in groups of `group`
+    (one _Chunked7 call each, the state carried between calls), which long sequences do."""
+    if group:
+        monkeypatch.setattr(wkv_kernel, "GROUP_ELEMS", group * B * H * CHUNK * N)
     xs = make(T, seed=3)
     gy = torch.randn(B, T, H, N, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     gS = torch.randn(B, H, N, N, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

@@ -120,9 +120,14 @@ def loss_and_grads(backend, inputs, gy, gS, dtype):
     return [x.grad for x in xs if x is not None]
 
 
+@pytest.mark.parametrize("group", [None, 1, 3])
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradients_vs_fp64_autograd(backend, form):
+def test_gradients_vs_fp64_autograd(backend, form, group, monkeypatch):
+    """All gradients against autograd through the fp64 loop; `group`: chunks per _Chunked call (150 tokens are 10
+    chunks of 16: in groups of 1 and of 3, the state carried between calls), None = the default grouping."""
+    if group:
+        monkeypatch.setattr(wkv_kernel, "GROUP_ELEMS", group * B * H * 16 * N)
     r, k, v, log_w, u, S0 = make(150, seed=4)
     inputs = (r, k, v, log_w, u if form == "classic" else None, S0)
     inputs, keep = [x for x in inputs if x is not None], [x is not None for x in inputs]

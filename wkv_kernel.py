@@ -175,9 +175,8 @@ def _wkv6_chunked(r, k, v, log_w, u, S, L):
     (nc, B·H, L, N), run _Chunked, and put y back to (B, T, H, N)."""
     (B, _, H, N), dt = r.shape, S.dtype
     uu = None if u is None else u.to(dt).repeat(B, 1).unsqueeze(1)  # (B·H, 1, N)
-    y, S = _in_groups(lambda r, k, v, lw, S: _Chunked.apply(r, k, v, lw, uu, S), [_to_chunks(x, L, dt) for x in (r, k, v, log_w)],
-                      S.reshape(B * H, N, N))
-    return _from_chunks(y, r.shape), S.view(B, H, N, N)
+    y, S = _in_groups(lambda r, k, v, lw, S: _Chunked.apply(r, k, v, lw, uu, S), (r, k, v, log_w), S.reshape(B * H, N, N), L, dt)
+    return y, S.view(B, H, N, N)
 
 
 # Chunks per autograd.Function call: ~1 MiB of fp32 per (chunks, B·H, L, N) operand, one core's L2.  The batched
@@ -187,15 +186,17 @@ def _wkv6_chunked(r, k, v, log_w, u, S, L):
 GROUP_ELEMS = 1 << 18
 
 
-def _in_groups(apply, chunks, S):
-    """(y, S) of apply(*xs, S) -> (y, S) run on consecutive groups of chunks (dim 0 of each tensor in `chunks`),
-    the state passed from one group to the next (autograd carries its gradient back); y concatenated."""
-    G = max(1, GROUP_ELEMS // chunks[0][0].numel())
+def _in_groups(apply, xs, S, L, dt):
+    """(y, S) of the chunked form run piece by piece: the (B, T, H, N) inputs `xs` split along T into pieces of
+    whole chunks of L tokens, each laid out by _to_chunks and passed to apply(*chunks, S) -> (y, S), the state carried
+    from piece to piece (autograd carries its gradient back), y put back to (B, T, H, N)."""
+    B, _, H, N = xs[0].shape
+    G = max(1, GROUP_ELEMS // (B * H * L * N))
     ys = []
-    for xs in zip(*(x.split(G) for x in chunks)):   # split, not slicing: its backward is one concatenation
-        y, S = apply(*xs, S)
-        ys.append(y)
-    return torch.cat(ys) if len(ys) > 1 else ys[0], S
+    for piece in zip(*(x.split(G * L, dim=1) for x in xs)):   # split, not slicing: its backward is one concatenation
+        y, S = apply(*(_to_chunks(p, L, dt) for p in piece), S)
+        ys.append(_from_chunks(y, piece[0].shape))
+    return torch.cat(ys, 1) if len(ys) > 1 else ys[0], S
 
 
 def _to_chunks(x, L, dt):
@@ -550,8 +551,8 @@ def _wkv7_chunked(r, k, v, log_w, a, b, S, Lc):
     """Pad T to a multiple of Lc (a = b = k = 0, log_w = 0: padded tokens leave S as it is), lay the chunks out
     as (nc, B·H, Lc, N), run _Chunked7 on groups of chunks in order (the state passed on), put y back to (B, T, H, N)."""
     B, _, H, N = r.shape
-    y, S = _in_groups(_Chunked7.apply, [_to_chunks(x, Lc, S.dtype) for x in (r, k, v, log_w, a, b)], S.reshape(B * H, N, N))
-    return _from_chunks(y, r.shape), S.view(B, H, N, N)
+    y, S = _in_groups(_Chunked7.apply, (r, k, v, log_w, a, b), S.reshape(B * H, N, N), Lc, S.dtype)
+    return y, S.view(B, H, N, N)
 
 
 def _wkv7_chunk_len(log_w, chunk_size, dt):

@@ -52,6 +52,7 @@ import torch
 import qrwkv
 
 DECAY_GRID = (-6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0)   # candidate centres of time_decay (log λ, λ = −log w)
+RWKV7_DECAY_GRID = (-6.0, -4.0, -2.0, 0.0, 2.0, 4.0)      # candidate centres of w0: λ = e^{-1/2} σ(w0) ≈ 0.0015 ... 0.596
 
 
 # ----------------------------------------------------------------------------- recording
@@ -347,12 +348,12 @@ def calibrate_student(student: qrwkv.QRWKV, teacher: qrwkv.QRWKV, batches, decay
 # 4.0 -> 5.8) and ended at 90x against 3.42x uncalibrated.
 
 @torch.no_grad()
-def rwkv7_outputs(student: qrwkv.QRWKV, io: dict, i: int):
+def rwkv7_outputs(student: qrwkv.QRWKV, io: dict, i: int, batches=None):
     """Per recorded batch: (y_s, h, y) -- student layer i's output and o_proj input, fed the teacher's normalised
     input, and the teacher's output.  Layer 0 runs first on its own recorded input, so the value residual of layer i
     sees v_first of the same tokens."""
     tm, tm0 = student.model.layers[i].self_attn, student.model.layers[0].self_attn
-    for b in range(len(io[i]["x"])):
+    for b in range(len(io[i]["x"]))[:batches]:
         h = []
         tm0(io[0]["x"][b], io[0]["cos"][b], io[0]["sin"][b], None)
         hook = tm.o_proj.register_forward_pre_hook(lambda m, a: h.append(a[0].float()))
@@ -385,20 +386,38 @@ def unit_gate_(tm: qrwkv.TimeMix7):
 
 
 def channel_affine(pairs, ridge, intercept=True):
-    """(s, β) of the per-channel ridge least squares z_c ≈ s_c h_c + β_c over (h, z) pairs (..., D) (see above);
-    intercept=False fits z_c ≈ s_c h_c (β = 0: uncentred moments)."""
-    n = sh = sz = shh = shz = 0
+    """(s, β, residual) of the per-channel ridge least squares z_c ≈ s_c h_c + β_c over (h, z) pairs (..., D) (see
+    above), the residual sum of squares per channel; intercept=False fits z_c ≈ s_c h_c (β = 0: uncentred moments)."""
+    n = sh = sz = shh = shz = szz = 0
     for h, z in pairs:
         h, z = h.reshape(-1, h.shape[-1]).double(), z.reshape(-1, z.shape[-1]).double()
-        n, sh, sz, shh, shz = n + h.shape[0], sh + h.sum(0), sz + z.sum(0), shh + (h * h).sum(0), shz + (h * z).sum(0)
+        n, sh, sz = n + h.shape[0], sh + h.sum(0), sz + z.sum(0)
+        shh, shz, szz = shh + (h * h).sum(0), shz + (h * z).sum(0), szz + (z * z).sum(0)
     mh, mz = (sh / n, sz / n) if intercept else (0, 0)
-    var_h = shh / n - mh * mh
-    s = (shz / n - mh * mz) / (var_h + ridge * var_h.mean())
-    return s, mz - s * mh
+    var_h, cov, var_z = shh / n - mh * mh, shz / n - mh * mz, szz / n - mz * mz
+    s = cov / (var_h + ridge * var_h.mean())
+    return s, mz - s * mh, n * (var_z - 2 * s * cov + s * s * var_h)   # s, β, Σ_t (z − s h − β)² per channel
+
+
+def affine_pairs(student, io, i, batches=None):
+    """(h, z) per recorded batch (the first `batches`): student layer i's o_proj input and the teacher's."""
+    return ((h, z) for (_, h, _), z in zip(rwkv7_outputs(student, io, i, batches), io[i]["z"]))
+
+
+def choose_w0(student, io, i, ridge, batches):
+    """Per head of layer i, the w0 centre on RWKV7_DECAY_GRID (channels spread ±1 around it, decay_profile) whose
+    per-channel affine fit of z has the lowest residual on the first `batches` recorded batches; sets w0."""
+    tm = student.model.layers[i].self_attn
+    set_w0 = lambda c: tm.w0.copy_((c[:, None] + decay_profile(tm.N, 1.0)).reshape(tm.w0.shape))
+    rss = []
+    for centre in RWKV7_DECAY_GRID:
+        set_w0(torch.full((tm.H,), centre))
+        rss.append(channel_affine(affine_pairs(student, io, i, batches), ridge, intercept=hasattr(tm, "ln_x"))[2].view(tm.H, tm.N).sum(-1))
+    set_w0(torch.tensor(RWKV7_DECAY_GRID)[torch.stack(rss).argmin(0)])
 
 
 @torch.no_grad()
-def calibrate_rwkv7(student: qrwkv.QRWKV, teacher: qrwkv.QRWKV, batches, ridge=1e-2) -> dict:
+def calibrate_rwkv7(student: qrwkv.QRWKV, teacher: qrwkv.QRWKV, batches, decay="spec", ridge=1e-2, search_batches=4) -> dict:
     """Calibrate every TimeMix7 of an rwkv7 `student` in place (see above: unit gate, per-channel output affine) on
     the teacher's attention over `batches` (list of (B, T) LongTensor, training text).  Returns a report like
     calibrate_student's."""
@@ -408,14 +427,17 @@ def calibrate_rwkv7(student: qrwkv.QRWKV, teacher: qrwkv.QRWKV, batches, ridge=1
         raise ValueError("calibrate_rwkv7: the student is not an rwkv7 (TimeMix7) model; use calibrate_student")
     dev = next(student.parameters()).device
     io = {i: {k: [t.to(dev) for t in v] for k, v in rec.items()} for i, rec in capture_attention_io(teacher, batches, layers).items()}
-    report = dict(options=dict(readout="channel_affine", ridge=ridge), layers=layers,
+    if decay not in ("spec", "search"):
+        raise ValueError(f"calibrate_rwkv7: decay must be 'spec' or 'search', got {decay!r}")
+    report = dict(options=dict(decay=decay, readout="channel_affine", ridge=ridge), layers=layers,
                   tokens=sum(b.numel() for b in batches), rel_err_before=[], rel_err_after=[])
     for i in layers:   # ln_x, g2 and o_proj of a layer do not reach v_first, so the order does not matter
         tm = student.model.layers[i].self_attn
         report["rel_err_before"].append(rwkv7_relative_error(student, io, i))
         g = unit_gate_(tm)
-        pairs = ((h, z) for (_, h, _), z in zip(rwkv7_outputs(student, io, i), io[i]["z"]))
-        s, beta = channel_affine(pairs, ridge, intercept=hasattr(tm, "ln_x"))   # o_proj has no bias to take β
+        if decay == "search":
+            choose_w0(student, io, i, ridge, search_batches)
+        s, beta, _ = channel_affine(affine_pairs(student, io, i), ridge, intercept=hasattr(tm, "ln_x"))   # o_proj has no bias to take β
         if hasattr(tm, "ln_x"):
             tm.ln_x.bias.copy_((s * tm.ln_x.bias.double() + beta / g).to(tm.ln_x.bias.dtype))
             tm.ln_x.weight.mul_(s.to(tm.ln_x.weight.dtype))

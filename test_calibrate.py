@@ -169,7 +169,7 @@ def test_channel_affine_is_the_per_channel_ridge_least_squares():
     H, Z = (torch.cat([p[j].reshape(-1, 5) for p in pairs]) for j in (0, 1))
     n = H.shape[0]
     for intercept in (True, False):
-        s, beta = calibrate.channel_affine(pairs, 0.1, intercept=intercept)
+        s, beta, _ = calibrate.channel_affine(pairs, 0.1, intercept=intercept)
         second = H.var(0, correction=0) if intercept else H.pow(2).mean(0)
         rho = 0.1 * second.mean()
         for c in range(5):
@@ -193,3 +193,22 @@ def test_rwkv7_calibration_refuses_a_trained_gate(teacher):
 def test_rwkv7_refit_refuses_an_rwkv6_student(teacher):
     with pytest.raises(ValueError, match="not an rwkv7"):
         calibrate.calibrate_rwkv7(qrwkv.student_from_teacher(teacher).float(), teacher, batches(1, 12))
+
+
+def test_rwkv7_decay_search_sets_w0_on_the_grid_and_fits_no_worse(teacher):
+    """decay="search": each head's w0 centre comes from RWKV7_DECAY_GRID, and the calibration-token error is no
+    worse than with the SPEC decay (the SPEC profile is not on the grid, so this is a real comparison per layer)."""
+    L = TINY["num_hidden_layers"]
+    make = lambda: qrwkv.student_from_teacher(teacher, attention_layers=(L - 1,), student="rwkv7").float()
+    torch.manual_seed(0)
+    spec = calibrate.calibrate_rwkv7(make(), teacher, batches(4, 10), decay="spec")
+    torch.manual_seed(0)
+    student = make()
+    searched = calibrate.calibrate_rwkv7(student, teacher, batches(4, 10), decay="search", search_batches=4)
+    assert sum(searched["rel_err_after"]) < sum(spec["rel_err_after"]) * 1.02, (searched, spec)
+    for i in range(L - 1):
+        w0 = student.model.layers[i].self_attn.w0.view(TINY["num_attention_heads"], -1)
+        centres = w0.mean(-1)
+        assert all(min(abs(c - g) for g in calibrate.RWKV7_DECAY_GRID) < 1e-5 for c in centres.tolist()), centres
+    with pytest.raises(ValueError, match="decay must be"):
+        calibrate.calibrate_rwkv7(make(), teacher, batches(1, 10), decay="distance")

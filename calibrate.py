@@ -421,14 +421,14 @@ def calibrate_rwkv7(student: qrwkv.QRWKV, teacher: qrwkv.QRWKV, batches, decay="
     """Calibrate every TimeMix7 of an rwkv7 `student` in place (see above: unit gate, per-channel output affine) on
     the teacher's attention over `batches` (list of (B, T) LongTensor, training text).  Returns a report like
     calibrate_student's."""
+    if decay not in ("spec", "search"):
+        raise ValueError(f"calibrate_rwkv7: decay must be 'spec' or 'search', got {decay!r}")
     t0 = time.time()
     layers = [i for i in range(student.config.num_hidden_layers) if i not in student.config.attention_layers]
     if not all(isinstance(student.model.layers[i].self_attn, qrwkv.TimeMix7) for i in layers):
         raise ValueError("calibrate_rwkv7: the student is not an rwkv7 (TimeMix7) model; use calibrate_student")
     dev = next(student.parameters()).device
     io = {i: {k: [t.to(dev) for t in v] for k, v in rec.items()} for i, rec in capture_attention_io(teacher, batches, layers).items()}
-    if decay not in ("spec", "search"):
-        raise ValueError(f"calibrate_rwkv7: decay must be 'spec' or 'search', got {decay!r}")
     report = dict(options=dict(decay=decay, readout="channel_affine", ridge=ridge), layers=layers,
                   tokens=sum(b.numel() for b in batches), rel_err_before=[], rel_err_after=[])
     for i in layers:   # ln_x, g2 and o_proj of a layer do not reach v_first, so the order does not matter

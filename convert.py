@@ -54,7 +54,8 @@ CKPT_FORMAT = 2
 # part of the run identity, so a new flag is covered without touching this list
 LR2 = {"rwkv6": 1e-3, "rwkv7": 5e-4}   # --lr2's default per --student
 # --calibrate's default per --student: RWKV-6's closed forms need 2 micro-batches; RWKV-7's per-channel output affine
-# (calibrate_rwkv7) reached a step-0 held-out ppl ratio of 24x on 4 and 19x on 16 (SPEC init: 2,311x)
+# (calibrate_rwkv7) reached a step-0 held-out ppl ratio of 24x on 4 and 19x on 16 (SPEC init: 2,311x), with the
+# default per-head decay search 9.3x on 16 (demo done: 1.42x, against 2.15x with the SPEC w0)
 CALIBRATE = {"rwkv6": 2, "rwkv7": 16}
 FREE_ARGS = ("teacher", "data", "out", "resume", "eval_interval", "eval_tokens", "eval_text", "log_interval",
              "save_interval", "stop_after", "device", "threads")
@@ -74,8 +75,9 @@ def get_args(argv=None):
     g("--student", default="rwkv6", choices=["rwkv6", "rwkv7"], help="student mixer: rwkv6 (rwkv6qwen2, SPEC §3) or rwkv7 (rwkv7qwen2, SPEC §9)")
     # 2 x 512 tokens calibrate as well as 4 (demo: step-0 held-out ppl 13.55x vs 13.53x the teacher's) in half the time
     # search: demo held-out ppl after step 1 2.96x vs 10.2x the teacher's with "distance", for ~1.5 more minutes
-    g("--calibrate_decay", default="search", choices=["distance", "search"], help="calibrated decay per head: a 7-point "
-      "grid search of the least-squares residual, or (faster, worse) from the teacher head's attention distance")
+    g("--calibrate_decay", default="search", choices=["distance", "search", "spec"], help="calibrated decay per head: a "
+      "grid search of the least-squares residual (rwkv6: 7 points, rwkv7: 6 w0 centres), or (faster, worse) rwkv6: "
+      "from the teacher head's attention distance, rwkv7: spec = the SPEC §9 w0")
     g("--calibrate", type=int, default=None, help="teacher micro-batches for the calibrated time-mix init (calibrate.py); "
                                                   "default 2 (rwkv6), 16 (rwkv7); 0 = SPEC §3 init only")
     g("--seed", type=int, default=1337, help="random seed (initialisation and data sampling)")
@@ -163,6 +165,9 @@ def check_args(args, n_layers=None):
     for name in ("calibrate", "cache1", "lr2_rest"):
         if getattr(args, name) < 0:
             raise ConvertError(f"--{name} must not be negative")
+    if args.calibrate_decay == {"rwkv6": "spec", "rwkv7": "distance"}[args.student]:
+        raise ConvertError(f"--calibrate_decay {args.calibrate_decay} is not a --student {args.student} option; "
+                           f"pass search or {'distance' if args.student == 'rwkv6' else 'spec'}")
     if os.path.abspath(args.out) == os.path.abspath(args.teacher):
         raise ConvertError("--out must differ from --teacher")
     spec = args.attention_layers.strip()
@@ -821,7 +826,7 @@ def init_student(args, d, teacher, train, layers, device, resume: Resume | None)
     batches = [windows(train, [s], args.seq_len, device)[:, :-1] for s in starts]   # the same on every process
     student = build_student(teacher, () if isinstance(layers, int) else layers, device, None, args.student)
     if args.student == "rwkv7":   # unit gate and per-channel output affine (calibrate.calibrate_rwkv7)
-        report = calibrate.calibrate_rwkv7(student, teacher, batches)
+        report = calibrate.calibrate_rwkv7(student, teacher, batches, decay=args.calibrate_decay)
     else:   # per-channel readout: the best readout measured on the demo teacher (step-0 ppl 186-93 vs 1.35M uncalibrated)
         report = calibrate.calibrate_student(student, teacher, batches, decay=args.calibrate_decay, readout="channel")
     log(d, f"calibrated {len(report['rel_err_after'])} time-mix blocks on {args.calibrate} x {args.seq_len} tokens: median "

@@ -101,7 +101,7 @@ def test_linear_kl_equals_autograd_through_kl_divergence(dtype, head_trains):
 
 
 def test_step2_learning_rate_defaults_per_student():
-    """--lr2 defaults to 1e-3 for RWKV-6 and 2e-4 for RWKV-7 (which diverged at 1e-3 on the demo); --min_lr2 to lr2 / 10;
+    """--lr2 defaults to 1e-3 for RWKV-6 and 5e-4 for RWKV-7 (which diverged at 1e-3 on the demo); --min_lr2 to lr2 / 10;
     given values are kept."""
     lrs = lambda *a: (lambda x: (x.lr2, x.min_lr2))(convert.get_args(list(a)))
     assert lrs() == (1e-3, 1e-4) and lrs("--student", "rwkv7") == (5e-4, 5e-5)
@@ -113,6 +113,15 @@ def test_calibrate_defaults_per_student():
     per-channel fit); given values are kept, so --calibrate 0 gives RWKV-7 its SPEC init."""
     cal = lambda *a: convert.get_args(list(a)).calibrate
     assert (cal(), cal("--student", "rwkv7"), cal("--student", "rwkv7", "--calibrate", "0"), cal("--calibrate", "5")) == (2, 16, 0, 5)
+
+
+def test_calibrate_decay_options_per_student(world, tmp_path):
+    """--calibrate_decay: distance is RWKV-6's (the teacher head's attention distance), spec RWKV-7's (the SPEC w0);
+    the other student's option is refused in one line naming the options that exist."""
+    args = ["--teacher", world["llama"], "--data", world["data"], "--out", tmp_path / "o", *FAST]
+    assert "--calibrate_decay spec is not a --student rwkv6 option; pass search or distance" in error_of(
+        args + ["--calibrate_decay", "spec"])
+    assert "pass search or spec" in error_of(args + ["--student", "rwkv7", "--calibrate_decay", "distance"])
 
 
 def test_data_formats_split_and_reuse(world, tmp_path):

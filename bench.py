@@ -431,8 +431,8 @@ def bench_wkv7(Ts=(512, 2048, 8192), chunk_sizes=(16, 32, 64), repeats=3):
           f"1 thread, torch {torch.__version__})\n")
     print("| T | backend | fwd tok/CPU-s | fwd+bwd tok/CPU-s | peak MiB fwd | peak MiB fwd+bwd | fwd ×seq | fwd+bwd ×seq |")
     print("|---|---|---|---|---|---|---|---|")
-    t = WKV7_GOAL_T
-    seq = [_wkv7_tokens_per_s(t, train, max(repeats, 5), backend="sequential") for train in (False, True)]
+    t, seq_repeats = WKV7_GOAL_T, max(repeats, 5)
+    seq = [_wkv7_tokens_per_s(t, train, seq_repeats, backend="sequential") for train in (False, True)]
     mem = [_wkv7_peak_mib(t, train, dict(backend="sequential")) for train in (False, True)]
     print(f"| {t} | sequential | {seq[0]:,.0f} | {seq[1]:,.0f} | {mem[0]:,.1f} | {mem[1]:,.1f} | 1.0 | 1.0 |", flush=True)
     default = inspect.signature(wkv7).parameters["chunk_size"].default
@@ -450,7 +450,7 @@ def bench_wkv7(Ts=(512, 2048, 8192), chunk_sizes=(16, 32, 64), repeats=3):
     if goal:
         print(f"\nchunked forward + backward at T = {t}: {max(goal.values()):.1f}× the loop at its best chunk "
               f"({max(goal, key=goal.get)}; goal ≥ 10×)")
-    print(f"\nEvery row is the median of {repeats} runs ({max(repeats, 5)} for the loop) after a 64-token warm-up, in tokens per CPU second of the process.  ×seq = tokens/s over the sequential "
+    print(f"\nEvery row is the median of {repeats} runs ({seq_repeats} for the loop) after a 64-token warm-up, in tokens per CPU second of the process.  ×seq = tokens/s over the sequential "
           f"row.  Chunk size in parentheses.\n")
 
 

@@ -57,6 +57,7 @@ LR2 = {"rwkv6": 1e-3, "rwkv7": 5e-4}   # --lr2's default per --student
 # (calibrate_rwkv7) reached a step-0 held-out ppl ratio of 24x on 4 and 19x on 16 (SPEC init: 2,311x), with the
 # default per-head decay search 9.3x on 16 (demo done: 1.42x, against 2.15x with the SPEC w0)
 CALIBRATE = {"rwkv6": 2, "rwkv7": 16}
+CALIBRATE_DECAYS = {"rwkv6": ("search", "distance"), "rwkv7": ("search", "spec")}   # --calibrate_decay's per --student
 FREE_ARGS = ("teacher", "data", "out", "resume", "eval_interval", "eval_tokens", "eval_text", "log_interval",
              "save_interval", "stop_after", "device", "threads")
 
@@ -165,9 +166,9 @@ def check_args(args, n_layers=None):
     for name in ("calibrate", "cache1", "lr2_rest"):
         if getattr(args, name) < 0:
             raise ConvertError(f"--{name} must not be negative")
-    if args.calibrate_decay == {"rwkv6": "spec", "rwkv7": "distance"}[args.student]:
+    if args.calibrate_decay not in CALIBRATE_DECAYS[args.student]:
         raise ConvertError(f"--calibrate_decay {args.calibrate_decay} is not a --student {args.student} option; "
-                           f"pass search or {'distance' if args.student == 'rwkv6' else 'spec'}")
+                           f"pass {' or '.join(CALIBRATE_DECAYS[args.student])}")
     if os.path.abspath(args.out) == os.path.abspath(args.teacher):
         raise ConvertError("--out must differ from --teacher")
     spec = args.attention_layers.strip()

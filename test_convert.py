@@ -100,12 +100,11 @@ def test_linear_kl_equals_autograd_through_kl_divergence(dtype, head_trains):
     assert abs(convert.LinearKL.apply(ht, wt, ht, wt, 3).item()) < 1e-4   # KL(p ‖ p) = 0
 
 
-def test_step2_learning_rate_defaults_per_student():
-    """--lr2 defaults to 1e-3 for RWKV-6 and 5e-4 for RWKV-7 (which diverged at 1e-3 on the demo); --min_lr2 to lr2 / 10;
-    given values are kept."""
+def test_step2_learning_rate_defaults():
+    """--lr2 defaults to 1e-3 for both students; --min_lr2 to lr2 / 10; given values are kept."""
     lrs = lambda *a: (lambda x: (x.lr2, x.min_lr2))(convert.get_args(list(a)))
-    assert lrs() == (1e-3, 1e-4) and lrs("--student", "rwkv7") == (5e-4, 5e-5)
-    assert lrs("--lr2", "5e-4") == (5e-4, 5e-5) and lrs("--student", "rwkv7", "--min_lr2", "1e-3") == (5e-4, 1e-3)
+    assert lrs() == (1e-3, 1e-4) and lrs("--student", "rwkv7") == (1e-3, 1e-4)
+    assert lrs("--lr2", "5e-4") == (5e-4, 5e-5) and lrs("--student", "rwkv7", "--min_lr2", "1e-3") == (1e-3, 1e-3)
 
 
 def test_calibrate_defaults_per_student():

@@ -13,6 +13,7 @@ from wkv_kernel import wkv7
 
 B, H, N = 2, 3, 16
 CHUNK = inspect.signature(wkv7).parameters["chunk_size"].default  # the default path is tested
+BACKENDS = ["chunked"] + (["cuda"] if torch.cuda.is_available() else [])   # the default path, and the kernel on GPUs
 MAX_LOG_W = math.exp(-0.5)  # RAD-RWKV7: log w = -e^{-1/2} σ(z) ∈ (-0.6065, 0)
 
 
@@ -43,14 +44,30 @@ def close(a, b, tol=2e-5):
     torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T", [1, 2, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 3, 257])
-def test_matches_fp64_oracle(T):
-    xs = make(T, seed=T)
+def test_matches_fp64_oracle(T, backend):
+    """fp32 outputs and final state; "cuda" (only where a GPU is) on the GPU with a head size the kernel takes."""
+    xs = make(T, seed=T, n=32 if backend == "cuda" else N)
     y_ref, S_ref = oracle(*xs)
-    y, S = wkv7(*fp32(xs), chunk_size=CHUNK)
+    dev = "cuda" if backend == "cuda" else "cpu"
+    y, S = wkv7(*(x.to(dev) for x in fp32(xs)), backend=backend, chunk_size=CHUNK)
     assert y.dtype == torch.float32 and S.dtype == torch.float32
-    close(y, y_ref)
-    close(S, S_ref)
+    if backend == "cuda":
+        assert wkv_kernel._cuda["module"] is not None, "the CUDA kernel did not compile"
+    close(y.cpu(), y_ref)
+    close(S.cpu(), S_ref)
+
+
+def test_cuda_request_never_crashes(capfd):
+    """backend="cuda" on CPU tensors (or without a GPU / compiler): the chunked result, at most one notice."""
+    xs = make(33, seed=10)
+    y_ref, S_ref = oracle(*xs)
+    for _ in range(2):
+        y, S = wkv7(*fp32(xs), backend="cuda")
+        close(y, y_ref)
+        close(S, S_ref)
+    assert len(capfd.readouterr().err.strip().splitlines()) <= 1
 
 
 def numpy_wkv7(r, k, v, w, a, b, S):
@@ -203,7 +220,7 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="share one"):
         wkv7(xs[0], xs[1][:, :4], *xs[2:6])
     with pytest.raises(ValueError, match="backend"):
-        wkv7(*xs[:6], backend="cuda")
+        wkv7(*xs[:6], backend="triton")
 
 
 def test_autocast_does_not_reach_the_recurrence():

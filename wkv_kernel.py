@@ -221,21 +221,25 @@ def _wkv6_chunk_len(log_w, chunk_size, dt):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA / HIP forward kernel
+# CUDA / HIP forward kernels (wkv6 and wkv7)
 # ---------------------------------------------------------------------------------------------
 
 _CUDA_HEAD_SIZES = (32, 64, 128)
-_CUDA_DECL = "std::vector<torch::Tensor> wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v, " \
-             "torch::Tensor log_w, torch::Tensor u, torch::Tensor state);"
+_CUDA_DECL = "\n".join(f"std::vector<torch::Tensor> {f}(torch::Tensor r, torch::Tensor k, torch::Tensor v, "
+                       f"torch::Tensor log_w, {extra}torch::Tensor state);"
+                       for f, extra in (("wkv6_forward", "torch::Tensor u, "),
+                                        ("wkv7_forward", "torch::Tensor a, torch::Tensor b, ")))
 _CUDA_SRC = r"""
 #include <torch/extension.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <type_traits>
 
-// One block per (batch, head); thread j keeps column j of the state, S[:, j], in registers.
-// Per token: S = diag(w) S + k^T v;  y_j = sum_i r_i S_ij  (QRWKV6), or, classic (CLASSIC = u given),
-// y_j = sum_i r_i (S_ij + u_i k_i v_j) read before the update.  fp32 throughout.
+// Both kernels: one block per (batch, head); thread j keeps column j of the state, S[:, j], in registers
+// (S indexed [key, value]), so every per-token sum over keys is local to the thread.  fp32 throughout.
+// WKV6, per token: S = diag(w) S + k^T v;  y_j = sum_i r_i S_ij  (QRWKV6), or, classic (CLASSIC = u given),
+// y_j = sum_i r_i (S_ij + u_i k_i v_j) read before the update.
 template <typename F, int N, bool CLASSIC>
 __global__ void wkv6_fwd(int T, int H, const F* __restrict__ r, const F* __restrict__ k,
                          const F* __restrict__ v, const float* __restrict__ log_w,
@@ -269,42 +273,94 @@ __global__ void wkv6_fwd(int T, int H, const F* __restrict__ r, const F* __restr
     for (int i = 0; i < N; i++) Sbh[i * N + j] = s[i];
 }
 
+// WKV7, per token: u_j = sum_i a_i S_ij;  S_ij = w_i S_ij + b_i u_j + k_i v_j;  y_j = sum_i r_i S_ij
+// (S_t = (diag(w) + b a^T) S_{t-1} + k v^T, y = S_t^T r: reads the updated state).
 template <typename F, int N>
-void launch(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v,
-            const torch::Tensor& log_w, const torch::Tensor& u, torch::Tensor& S, torch::Tensor& y) {
-    const int B = r.size(0), T = r.size(1), H = r.size(2);
-    const float* up = u.numel() ? u.data_ptr<float>() : nullptr;
-    auto kernel = up ? wkv6_fwd<F, N, true> : wkv6_fwd<F, N, false>;
-    kernel<<<B * H, N, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        T, H, r.data_ptr<F>(), k.data_ptr<F>(), v.data_ptr<F>(), log_w.data_ptr<float>(), up,
-        S.data_ptr<float>(), y.data_ptr<F>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+__global__ void wkv7_fwd(int T, int H, const F* __restrict__ r, const F* __restrict__ k,
+                         const F* __restrict__ v, const float* __restrict__ log_w, const F* __restrict__ a,
+                         const F* __restrict__ b, float* __restrict__ S, F* __restrict__ y) {
+    const int bt = blockIdx.x / H, h = blockIdx.x % H, j = threadIdx.x;
+    __shared__ float sr[N], sk[N], sw[N], sa[N], sb[N];
+    float s[N];
+    float* Sbh = S + (size_t)blockIdx.x * N * N;
+#pragma unroll
+    for (int i = 0; i < N; i++) s[i] = Sbh[i * N + j];
+    for (int t = 0; t < T; t++) {
+        const size_t o = (((size_t)bt * T + t) * H + h) * N + j;  // (B, T, H, N) contiguous
+        __syncthreads();
+        sr[j] = float(r[o]);
+        sk[j] = float(k[o]);
+        sw[j] = expf(log_w[o]);
+        sa[j] = float(a[o]);
+        sb[j] = float(b[o]);
+        const float vj = float(v[o]);
+        __syncthreads();
+        float uj = 0.f, yj = 0.f;
+#pragma unroll
+        for (int i = 0; i < N; i++) uj += sa[i] * s[i];
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            s[i] = s[i] * sw[i] + sb[i] * uj + sk[i] * vj;
+            yj += sr[i] * s[i];
+        }
+        y[o] = F(yj);
+    }
+#pragma unroll
+    for (int i = 0; i < N; i++) Sbh[i * N + j] = s[i];
 }
 
-template <typename F>
-void launch_n(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v,
-              const torch::Tensor& log_w, const torch::Tensor& u, torch::Tensor& S, torch::Tensor& y) {
-    switch (r.size(3)) {
-        case 32: launch<F, 32>(r, k, v, log_w, u, S, y); break;
-        case 64: launch<F, 64>(r, k, v, log_w, u, S, y); break;
-        case 128: launch<F, 128>(r, k, v, log_w, u, S, y); break;
-        default: TORCH_CHECK(false, "wkv6 cuda: head size must be 32, 64 or 128");
+// fn(F{}, std::integral_constant<int, N>{}) for r's dtype and head size (the kernels' template arguments).
+template <typename Fn>
+void dispatch(const torch::Tensor& r, Fn fn) {
+    auto with_n = [&](auto f) {
+        switch (r.size(3)) {
+            case 32: fn(f, std::integral_constant<int, 32>{}); break;
+            case 64: fn(f, std::integral_constant<int, 64>{}); break;
+            case 128: fn(f, std::integral_constant<int, 128>{}); break;
+            default: TORCH_CHECK(false, "wkv cuda: head size must be 32, 64 or 128");
+        }
+    };
+    switch (r.scalar_type()) {
+        case at::kFloat: with_n(float{}); break;
+        case at::kHalf: with_n(at::Half{}); break;
+        case at::kBFloat16: with_n(at::BFloat16{}); break;
+        default: TORCH_CHECK(false, "wkv cuda: inputs must be fp32, fp16 or bf16");
     }
 }
 
-// r, k, v: (B, T, H, N) contiguous, one dtype of fp32/fp16/bf16; log_w fp32 like r; u fp32 (H, N) or
-// empty; state fp32 (B, H, N, N).  Returns (y in r's dtype, new state).
+// r, k, v (and a, b): (B, T, H, N) contiguous, one dtype of fp32/fp16/bf16; log_w fp32 like r; u fp32 (H, N)
+// or empty; state fp32 (B, H, N, N).  Return (y in r's dtype, new state).
 std::vector<torch::Tensor> wkv6_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v,
                                         torch::Tensor log_w, torch::Tensor u, torch::Tensor state) {
     const c10::cuda::CUDAGuard guard(r.device());
     auto S = state.clone();
     auto y = torch::empty_like(r);
-    switch (r.scalar_type()) {
-        case at::kFloat: launch_n<float>(r, k, v, log_w, u, S, y); break;
-        case at::kHalf: launch_n<at::Half>(r, k, v, log_w, u, S, y); break;
-        case at::kBFloat16: launch_n<at::BFloat16>(r, k, v, log_w, u, S, y); break;
-        default: TORCH_CHECK(false, "wkv6 cuda: inputs must be fp32, fp16 or bf16");
-    }
+    const int B = r.size(0), T = r.size(1), H = r.size(2);
+    const float* up = u.numel() ? u.data_ptr<float>() : nullptr;
+    dispatch(r, [&](auto f, auto n) {
+        using F = decltype(f);
+        auto kernel = up ? wkv6_fwd<F, decltype(n)::value, true> : wkv6_fwd<F, decltype(n)::value, false>;
+        kernel<<<B * H, n.value, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            T, H, r.data_ptr<F>(), k.data_ptr<F>(), v.data_ptr<F>(), log_w.data_ptr<float>(), up,
+            S.data_ptr<float>(), y.data_ptr<F>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {y, S};
+}
+
+std::vector<torch::Tensor> wkv7_forward(torch::Tensor r, torch::Tensor k, torch::Tensor v,
+                                        torch::Tensor log_w, torch::Tensor a, torch::Tensor b, torch::Tensor state) {
+    const c10::cuda::CUDAGuard guard(r.device());
+    auto S = state.clone();
+    auto y = torch::empty_like(r);
+    const int B = r.size(0), T = r.size(1), H = r.size(2);
+    dispatch(r, [&](auto f, auto n) {
+        using F = decltype(f);
+        wkv7_fwd<F, decltype(n)::value><<<B * H, n.value, 0, c10::cuda::getCurrentCUDAStream()>>>(
+            T, H, r.data_ptr<F>(), k.data_ptr<F>(), v.data_ptr<F>(), log_w.data_ptr<float>(), a.data_ptr<F>(),
+            b.data_ptr<F>(), S.data_ptr<float>(), y.data_ptr<F>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     return {y, S};
 }
 """
@@ -313,14 +369,14 @@ _cuda = {"module": None, "failed": False}
 
 
 def _cuda_module():
-    """Compile the kernel once (build dir keyed by the source hash; a `lock` left by a killed
+    """Compile the kernels once (build dir keyed by the source hash; a `lock` left by a killed
     compile is removed after 5 minutes).  On any failure: one notice on stderr, return None."""
     if _cuda["module"] is None and not _cuda["failed"]:
         try:
             if not torch.cuda.is_available():
                 raise RuntimeError("no GPU")
             from torch.utils.cpp_extension import load_inline
-            name = "wkv6_" + hashlib.sha1((_CUDA_DECL + _CUDA_SRC).encode()).hexdigest()[:12]
+            name = "wkv_" + hashlib.sha1((_CUDA_DECL + _CUDA_SRC).encode()).hexdigest()[:12]
             root = os.environ.get("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
             build = os.path.join(root, name)
             os.makedirs(build, exist_ok=True)
@@ -329,22 +385,34 @@ def _cuda_module():
                 os.remove(lock)
             flags = ["-O3"] if torch.version.hip else ["-O3", "-Xptxas=-O3", "--extra-device-vectorization"]
             _cuda["module"] = load_inline(name, cpp_sources=_CUDA_DECL, cuda_sources=_CUDA_SRC,
-                                          functions=["wkv6_forward"], extra_cuda_cflags=flags,
+                                          functions=["wkv6_forward", "wkv7_forward"], extra_cuda_cflags=flags,
                                           build_directory=build)
         except Exception as e:  # no GPU, no compiler, failed build: the torch path still works
             _cuda["failed"] = True
-            print(f"wkv6: CUDA kernel unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            print(f"wkv: CUDA kernels unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                   f"using the chunked torch path", file=sys.stderr)
     return _cuda["module"]
 
 
-def _wkv6_cuda(mod, r, k, v, log_w, u, S):
-    """Forward-only kernel call; inputs made contiguous, log_w/u/state fp32."""
-    empty = torch.empty(0, device=r.device)
-    y, S = mod.wkv6_forward(r.contiguous(), k.to(r.dtype).contiguous(), v.to(r.dtype).contiguous(),
-                            log_w.float().contiguous(), empty if u is None else u.float().contiguous(),
-                            S.float().contiguous())
-    return y, S
+def _cuda_kernels(backend, xs):
+    """The compiled module when this call may use it, else None (the torch path): backend "cuda", or None with GPU
+    tensors; forward only (no input of `xs` = (r, ..., state) needs a gradient); head size 32, 64 or 128; r in
+    fp32, fp16 or bf16.  backend="cuda" on a machine without the kernels prints the one notice of _cuda_module."""
+    r = xs[0]
+    if backend != "cuda" and not (backend is None and r.is_cuda):
+        return None
+    mod = _cuda_module()
+    needs_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+    usable = (r.is_cuda and not needs_grad and r.shape[-1] in _CUDA_HEAD_SIZES
+              and r.dtype in (torch.float32, torch.float16, torch.bfloat16))
+    return mod if usable else None
+
+
+def _wkv_cuda(forward, r, k, v, log_w, *extra, S):
+    """(y, new_state) of one forward-only kernel call: r, k, v contiguous in r's dtype, log_w and the state fp32;
+    `extra` (wkv6: u fp32 or empty, wkv7: a, b in r's dtype) passed as given."""
+    same = lambda x: x.to(r.dtype).contiguous()
+    return forward(same(r), same(k), same(v), log_w.float().contiguous(), *extra, S.float().contiguous())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,13 +431,10 @@ def wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=16):
     dt = torch.promote_types(r.dtype, torch.float32)
     S = r.new_zeros(B, H, N, N, dtype=dt) if state is None else state.to(dt)
 
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (r, k, v, log_w, u, state))
-    if backend == "cuda" or (backend is None and r.is_cuda):
-        mod = _cuda_module()
-        if (mod is not None and r.is_cuda and not needs_grad and N in _CUDA_HEAD_SIZES
-                and r.dtype in (torch.float32, torch.float16, torch.bfloat16)):
-            return _wkv6_cuda(mod, r, k, v, log_w, u, S)
+    mod = _cuda_kernels(backend, (r, k, v, log_w, u, state))
+    if mod is not None:
+        u = torch.empty(0, device=r.device) if u is None else u.float().contiguous()
+        return _wkv_cuda(mod.wkv6_forward, r, k, v, log_w, u, S=S)
 
     if T == 1:  # decoding: one direct step
         u = None if u is None else u.to(dt)
@@ -418,7 +483,7 @@ def wkv6(r, k, v, log_w, u=None, state=None, backend=None, chunk_size=16):
 # length adds no error beyond that one rounding (fp32: at most |g|·2^-24 in an exponent, ≤ 4e-6 at the span limit).
 # Saved memory for backward is O(T): per chunk a few (Lc, N) and (Lc, Lc) tensors and M, Δ, S0 (N, N).
 
-WKV7_BACKENDS = ("sequential", "chunked")
+WKV7_BACKENDS = ("sequential", "chunked", "cuda")
 _WKV7_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
 
 
@@ -569,7 +634,9 @@ def wkv7(r, k, v, log_w, a, b, state=None, backend=None, chunk_size=32):
         r, k, v, a, b: (B, T, H, N) in one dtype (fp32, bf16, fp16 or fp64).
         log_w: (B, T, H, N), <= 0, fp32 (or fp64): log of the per-channel decay w_t.
         state: (B, H, N, N) fp32 [key, value], or None for zeros.
-        backend: "sequential" (per-token loop, the oracle), "chunked" or None (= chunked; T == 1 is one step).
+        backend: "sequential" (per-token loop, the oracle), "chunked", "cuda" (the compiled forward kernel when no
+            gradient is needed, as in wkv6; else chunked) or None (= "cuda" for GPU tensors when it compiled, else
+            chunked; T == 1 is one step).
         chunk_size: tokens per chunk of the chunked form.
     Returns:
         y (B, T, H, N) in r's dtype, new_state (B, H, N, N) fp32 (fp64 for fp64 inputs).
@@ -585,6 +652,9 @@ def wkv7(r, k, v, log_w, a, b, state=None, backend=None, chunk_size=32):
     B, T, H, N = r.shape
     dt = torch.promote_types(r.dtype, torch.float32)
     S = r.new_zeros(B, H, N, N, dtype=dt) if state is None else state.to(dt)
+    mod = _cuda_kernels(backend, (*xs, state))
+    if mod is not None:
+        return _wkv_cuda(mod.wkv7_forward, r, k, v, log_w, *(x.to(r.dtype).contiguous() for x in (a, b)), S=S)
     if T == 1:  # decoding: one direct step
         y, S = _wkv7_step(*(x[:, 0].to(dt) for x in (r, k, v)), log_w[:, 0].to(dt).exp(),
                           a[:, 0].to(dt), b[:, 0].to(dt), S)

@@ -56,6 +56,8 @@ CKPT_FORMAT = 2
 # (calibrate_rwkv7) reached a step-0 held-out ppl ratio of 24x on 4 and 19x on 16 (SPEC init: 2,311x), with the
 # default per-head decay search 9.3x on 16 (demo done: 1.42x, against 2.15x with the SPEC w0)
 CALIBRATE = {"rwkv6": 2, "rwkv7": 16}
+# --steps2's default per --student: the demo's ~25-minute budget on 2 cores (RWKV-7 trains at ~55% of RWKV-6's tokens/s)
+STEPS2 = {"rwkv6": 180, "rwkv7": 100}
 CALIBRATE_DECAYS = {"rwkv6": ("search", "distance"), "rwkv7": ("search", "spec")}   # --calibrate_decay's per --student
 FREE_ARGS = ("teacher", "data", "out", "resume", "eval_interval", "eval_tokens", "eval_text", "log_interval",
              "save_interval", "stop_after", "device", "threads")
@@ -106,7 +108,7 @@ def get_args(argv=None):
                                             "and cycle over them (epochs); 0 = a fresh teacher pass every micro-batch")
     g = p.add_argument_group("step 2: distillation").add_argument
     # 180 x 2,048 tokens: the demo's step 2 in ~22 minutes on 2 cores with AMX-BF16 (~2x that in fp32 elsewhere)
-    g("--steps2", type=int, default=180, help="optimizer steps of step 2")
+    g("--steps2", type=int, default=None, help="optimizer steps of step 2; default 180 (rwkv6), 100 (rwkv7)")
     # hundreds of steps, not ten thousand (SPEC §7): the mixer at step 1's rate, the teacher's MLPs, embeddings and head
     # frozen (in a first KD stage frozen MLPs gave 3.36 vs 66.7 ppl; RADLADS' 1e-5 for everything is for 250M+ tokens)
     # both students: RWKV-7 from its calibrated init reached 1.42x at 5e-4, 1.30x at 1e-3, 1.26x at 2e-3 and diverged at
@@ -144,7 +146,8 @@ def get_args(argv=None):
 
 
 def student_defaults(args):
-    """Fill the flags whose default depends on --student (CALIBRATE) and --min_lr2 = lr2 / 10."""
+    """Fill the flags whose default depends on --student (CALIBRATE, STEPS2) and --min_lr2 = lr2 / 10."""
+    args.steps2 = STEPS2[args.student] if args.steps2 is None else args.steps2
     args.calibrate = CALIBRATE[args.student] if args.calibrate is None else args.calibrate
     args.min_lr2 = args.lr2 / 10 if args.min_lr2 is None else args.min_lr2
     return args

@@ -107,11 +107,14 @@ def test_step2_learning_rate_defaults():
     assert lrs("--lr2", "5e-4") == (5e-4, 5e-5) and lrs("--student", "rwkv7", "--min_lr2", "1e-3") == (1e-3, 1e-3)
 
 
-def test_calibrate_defaults_per_student():
+def test_calibrate_and_steps2_defaults_per_student():
     """--calibrate defaults to 2 micro-batches for RWKV-6 (its closed forms) and 16 for RWKV-7 (calibrate_rwkv7's
-    per-channel fit); given values are kept, so --calibrate 0 gives RWKV-7 its SPEC init."""
+    per-channel fit), --steps2 to 180 and 100 (the demo budget); given values are kept, so --calibrate 0 gives RWKV-7
+    its SPEC init."""
     cal = lambda *a: convert.get_args(list(a)).calibrate
     assert (cal(), cal("--student", "rwkv7"), cal("--student", "rwkv7", "--calibrate", "0"), cal("--calibrate", "5")) == (2, 16, 0, 5)
+    steps2 = lambda *a: convert.get_args(list(a)).steps2   # the demo's ~25-minute budget for either student
+    assert (steps2(), steps2("--student", "rwkv7"), steps2("--student", "rwkv7", "--steps2", "7")) == (180, 100, 7)
 
 
 def test_calibrate_decay_options_per_student(world, tmp_path):

@@ -50,15 +50,15 @@ import qrwkv
 
 DEMO_OUT = os.path.join("out", "smollm2-135m-qrwkv")
 CKPT_FORMAT = 2
-# flags that do not change what is trained (paths, logging, evaluation, stopping, device); every other flag is
-# part of the run identity, so a new flag is covered without touching this list
 # --calibrate's default per --student: RWKV-6's closed forms need 2 micro-batches; RWKV-7's per-channel output affine
 # (calibrate_rwkv7) reached a step-0 held-out ppl ratio of 24x on 4 and 19x on 16 (SPEC init: 2,311x), with the
-# default per-head decay search 9.3x on 16 (demo done: 1.42x, against 2.15x with the SPEC w0)
+# default per-head decay search 9.3x on 16 (demo done at --lr2 5e-4: 1.42x, against 2.15x with the SPEC w0)
 CALIBRATE = {"rwkv6": 2, "rwkv7": 16}
 # --steps2's default per --student: the demo's ~25-minute budget on 2 cores (RWKV-7 trains at ~55% of RWKV-6's tokens/s)
 STEPS2 = {"rwkv6": 180, "rwkv7": 100}
 CALIBRATE_DECAYS = {"rwkv6": ("search", "distance"), "rwkv7": ("search", "spec")}   # --calibrate_decay's per --student
+# flags that do not change what is trained (paths, logging, evaluation, stopping, device); every other flag is
+# part of the run identity, so a new flag is covered without touching this list
 FREE_ARGS = ("teacher", "data", "out", "resume", "eval_interval", "eval_tokens", "eval_text", "log_interval",
              "save_interval", "stop_after", "device", "threads")
 
@@ -107,7 +107,8 @@ def get_args(argv=None):
     g("--cache1", type=int, default=16, help="keep the teacher's step-1 targets of this many micro-batches per process in memory "
                                             "and cycle over them (epochs); 0 = a fresh teacher pass every micro-batch")
     g = p.add_argument_group("step 2: distillation").add_argument
-    # 180 x 2,048 tokens: the demo's step 2 in ~22 minutes on 2 cores with AMX-BF16 (~2x that in fp32 elsewhere)
+    # STEPS2: 180 x 2,048 tokens is RWKV-6's step 2 on the demo in ~22 minutes on 2 cores with AMX-BF16 (~2x that in
+    # fp32 elsewhere)
     g("--steps2", type=int, default=None, help="optimizer steps of step 2; default 180 (rwkv6), 100 (rwkv7)")
     # hundreds of steps, not ten thousand (SPEC §7): the mixer at step 1's rate, the teacher's MLPs, embeddings and head
     # frozen (in a first KD stage frozen MLPs gave 3.36 vs 66.7 ppl; RADLADS' 1e-5 for everything is for 250M+ tokens)
